@@ -1,0 +1,138 @@
+"""The public entry points: `load` a checkpoint or `init_random`, and the model handle they return."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax import config as config_lib
+from mixtral_jax import sharding as sh
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.errors import MixtralError
+from mixtral_jax.model import Transformer
+
+
+class Mixtral:
+    """A model ready to run: config, parameters (placed on `mesh`), optional tokenizer."""
+
+    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
+                 tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, rules: sh.Rules | None = None):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.rules = rules or sh.load_rules()
+
+    def with_options(self, **changes: Any) -> Mixtral:
+        """The same weights run with other settings that leave parameters alone (e.g. `moe_impl`)."""
+        cfg = self.config.replace(**changes)
+        if (cfg.param_dtype, cfg.n_layers, cfg.dim) != (self.config.param_dtype, self.config.n_layers, self.config.dim):
+            raise MixtralError("with_options cannot change the parameters' shapes or dtype")
+        return Mixtral(cfg, abstract_model(cfg)[0], self.params, self.tokenizer, self.mesh, self.rules)
+
+    def context(self):
+        """The mesh and logical rules this model's computations run under."""
+        return sh.rules_context(self.mesh, self.rules)
+
+    @property
+    def module(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.params)
+
+    def logits(self, ids) -> jax.Array:
+        """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
+        ids = jnp.asarray(np.asarray(ids, dtype=np.int32))
+        if ids.ndim != 2:
+            raise MixtralError(f"ids must be [batch, length], got shape {list(ids.shape)}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise MixtralError(f"token ids must be in [0, {self.config.vocab_size})")
+        with self.context():
+            return _forward_logits(self.graphdef, self.params, ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(ids).logits
+
+
+def resolve_config(config: ModelConfig | str) -> ModelConfig:
+    return config_lib.preset(config) if isinstance(config, str) else config
+
+
+def default_mesh(mesh: jax.sharding.Mesh | str | None) -> jax.sharding.Mesh:
+    """A mesh from a mesh, a spec string, or None (the first device alone)."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    return sh.make_mesh(mesh) if mesh else sh.make_mesh(None, jax.devices()[:1])
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and parameter shapes (with logical axis metadata) without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = None,
+                mesh: jax.sharding.Mesh | str | None = None, tokenizer: Any = None) -> Mixtral:
+    """A model with random weights, created directly in its sharding on `mesh`."""
+    cfg = resolve_config(config).with_dtype(dtype)
+    mesh = default_mesh(mesh)
+    graphdef, abstract = abstract_model(cfg)
+    shardings = sh.named_shardings(abstract, mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init() -> nnx.State:
+        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+    with sh.rules_context(mesh):
+        params = init()
+    return Mixtral(cfg, graphdef, params, tokenizer, mesh)
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None) -> Mixtral:
+    """A Hugging Face or Mistral checkpoint folder, read straight into arrays sharded over `mesh`.
+
+    Each device's slice is assembled from memory-mapped source tensors, so a host reads only what its
+    devices hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype.
+    """
+    from mixtral_jax.convert import mapping
+    from mixtral_jax.convert.sources import open_source
+
+    source = open_source(Path(path))
+    source.check()
+    cfg = source.config.with_dtype(dtype)
+    mesh = default_mesh(mesh)
+    graphdef, abstract = abstract_model(cfg)
+    shardings = nnx.to_pure_dict(sh.named_shardings(abstract, mesh))
+    rules = {rule.target: rule for rule in mapping.rules_for(source.naming, cfg)}
+
+    def place(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        rule = rules[".".join(str(p.key) for p in path)]
+        sharding = _get(shardings, path)
+        return jax.make_array_from_callback(
+            leaf.shape, sharding, lambda index: mapping.assemble(rule, source, cfg, index, leaf.dtype)
+        )
+
+    pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(abstract))
+    nnx.replace_by_pure_dict(abstract, pure)
+    return Mixtral(cfg, graphdef, abstract, _tokenizer(source.tokenizer), mesh)
+
+
+def _get(tree: dict, path: tuple) -> Any:
+    for p in path:
+        tree = tree[p.key]
+    return tree
+
+
+def _tokenizer(path: Path | None):
+    if path is None:
+        return None
+    from mixtral_jax.tokenizer import Tokenizer
+
+    return Tokenizer(path)

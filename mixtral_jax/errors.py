@@ -1,0 +1,17 @@
+"""Errors a user can cause: the CLI prints them as one line, no traceback."""
+
+
+class MixtralError(Exception):
+    """A user-caused error with a plain, one-line message."""
+
+
+class ConfigError(MixtralError):
+    """A model config, preset or mesh spec that cannot be used."""
+
+
+class CheckpointError(MixtralError):
+    """A checkpoint or source folder that is missing, incomplete or inconsistent."""
+
+
+class ChatFormatError(MixtralError):
+    """A chat message list that the Mistral instruct format cannot encode."""

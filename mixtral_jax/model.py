@@ -1,0 +1,117 @@
+"""The Mixtral decoder: embeddings, a scanned stack of layers, final norm and LM head.
+
+Legend: B batch, T length, D model dim, V vocab, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax import sharding as sh
+from mixtral_jax.cache import KVCache
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.layers import Attention, RMSNorm, param
+from mixtral_jax.moe import MoE
+
+
+class MLP(nnx.Module):
+    """Dense SwiGLU feed-forward (Mistral 7B)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, dt = cfg.dim, cfg.ffn_dim, cfg.param_dtype
+        self.w1 = param(rngs, (d, f), (sh.EMBED, sh.MLP), dt)
+        self.w3 = param(rngs, (d, f), (sh.EMBED, sh.MLP), dt)
+        self.w2 = param(rngs, (f, d), (sh.MLP, sh.EMBED), dt)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        w1, w3, w2 = (w[...].astype(x.dtype) for w in (self.w1, self.w3, self.w2))
+        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1)) * jnp.einsum("BTD,DF->BTF", x, w3)
+        return jnp.einsum("BTF,FD->BTD", h, w2), None
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg, rngs=rngs)
+        self.ffn = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, kv=None, slots=None, slot_pos=None):
+        """x [B, T, D] -> (x, kv, router logits [B, T, E] or None)."""
+        h, kv = self.attn(self.attn_norm(x), positions, kv, slots, slot_pos)
+        x = sh.constrain(x + h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        y, router_logits = self.ffn(self.ffn_norm(x))
+        return sh.constrain(x + y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), kv, router_logits
+
+
+class Output(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32 (T = 1 with `logit_index`)
+    cache: KVCache | None
+    router_logits: jax.Array | None  # [L, B, T, E] float32; None for a dense model
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        self.config = cfg
+        self.remat = remat
+        self.embedder = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.dim), cfg.param_dtype),
+            out_sharding=(sh.VOCAB, sh.EMBED), eager_sharding=False,
+        )
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+        def stack(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = stack(rngs)
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB), cfg.param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        logit_index: jax.Array | None = None,
+    ) -> Output:
+        """tokens [B, T] at positions [B, T] (default 0..T-1; negative marks padding that is not cached).
+
+        With a cache, keys and values are written into it and attention spans all cached positions.
+        `logit_index` [B] computes logits only at that index of each row (prefill).
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embedder[...][tokens].astype(dtype)
+        x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        graphdef, layer_state = nnx.split(self.layers)
+        slots = slot_pos = None
+        if cache is not None:
+            slots, cache = cache.slot_index(positions), cache.with_positions(positions)
+            slot_pos = cache.pos
+
+        def body(x, xs):
+            state, kv = xs
+            x, kv, router_logits = nnx.merge(graphdef, state)(x, positions, kv, slots, slot_pos)
+            return x, (kv, router_logits)
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, (kv, router_logits) = jax.lax.scan(body, x, (layer_state, kv_in))
+        if cache is not None:
+            cache = cache.replace(k=kv[0], v=kv[1])
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
+        x = self.final_norm(x)
+        head = self.embedder[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
+        return Output(logits, cache, router_logits)
