@@ -66,6 +66,11 @@ def mistral_k_in(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return kv_in(interleaved_to_half(w, cfg.n_kv_heads), cfg)
 
 
+# Where a block of a source tensor's rows lands in the transformed tensor (its axis there), for the
+# transforms that can work a block at a time; the others need whole tensors.
+ROW_AXIS: dict[Transform, int] = {identity: 0, transpose: 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     source: str
@@ -120,6 +125,31 @@ MISTRAL_DENSE_RULES = (
     Rule("layers.{layer}.feed_forward.w1.weight", "layers.ffn.w1", transpose),
     Rule("layers.{layer}.feed_forward.w3.weight", "layers.ffn.w3", transpose),
     Rule("layers.{layer}.feed_forward.w2.weight", "layers.ffn.w2", transpose),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A tensor published under another name, presented under the name a rule reads.
+
+    With `split_experts` the stored tensor stacks every expert's rows MegaBlocks-style ([E*F, D]) and is
+    presented as one tensor per expert (`{expert}` in `name`); `transposed` marks experts stored as the
+    transpose of the presented layout.
+    """
+
+    stored: str
+    name: str
+    split_experts: bool = False
+    transposed: bool = False
+
+
+# The Hub's original `consolidated.NN.pt` release of Mixtral, under Mistral's per-expert names.
+MEGABLOCKS_ALIASES = (
+    Alias("layers.{layer}.block_sparse_moe.gate.weight", "layers.{layer}.feed_forward.gate.weight"),
+    Alias("layers.{layer}.block_sparse_moe.w1", "layers.{layer}.feed_forward.experts.{expert}.w1.weight", True),
+    Alias("layers.{layer}.block_sparse_moe.w3", "layers.{layer}.feed_forward.experts.{expert}.w3.weight", True),
+    Alias("layers.{layer}.block_sparse_moe.w2", "layers.{layer}.feed_forward.experts.{expert}.w2.weight", True,
+          transposed=True),
 )
 NAMING = {
     "hf": (HF_RULES, HF_MOE_RULES, HF_DENSE_RULES),

@@ -59,6 +59,18 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """An in-memory copy of rows `rows` of a tensor, read with plain file reads (nothing stays mapped)."""
+        dtype, shape, start, _ = self._entries[name]
+        if not shape:
+            return self.get(name).copy()
+        lo, hi, _ = rows.indices(shape[0])
+        row_items = int(np.prod(shape[1:]))
+        count = max(hi - lo, 0) * row_items
+        offset = self._data_start + start + lo * row_items * dtype.itemsize
+        data = np.fromfile(self.path, dtype=dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
+        return data.reshape((max(hi - lo, 0),) + shape[1:])
+
     def get(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view; pages are read only when touched."""
         dtype, shape, start, _ = self._entries[name]

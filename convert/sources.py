@@ -1,7 +1,9 @@
 """Checkpoint folders as they are published, opened as one lazy tensor source.
 
-Formats: Hugging Face (`config.json` with `model.safetensors` or shards plus `model.safetensors.index.json`)
-and Mistral's native release (`params.json` with `consolidated*.safetensors`).
+Formats: Hugging Face (`config.json` with `model.safetensors` or shards plus `model.safetensors.index.json`);
+Mistral's native release (`params.json` with `consolidated*.safetensors` or `consolidated.NN.pth`); and the
+Hub's original `consolidated.NN.pt` set, whose MegaBlocks-stacked experts are presented under Mistral's
+per-expert names (`mapping.MEGABLOCKS_ALIASES`) so that the Mistral rules apply unchanged.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -17,9 +20,23 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import CheckpointError
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.safetensors_io import SafetensorsFile
+from mixtral_jax.convert.torch_io import TorchFile
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3")
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")  # RoPE tables, recomputed
+TORCH_PATTERNS = ("consolidated*.pth", "consolidated*.pt")
+
+
+class TensorFile(Protocol):
+    """One file of named tensors: shapes up front, data read lazily."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> np.dtype: ...
+    def get(self, name: str) -> np.ndarray: ...
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray: ...
 
 
 @dataclasses.dataclass
@@ -30,7 +47,7 @@ class Source:
     kind: str
     naming: str
     config: ModelConfig
-    files: dict[str, SafetensorsFile]
+    files: dict[str, TensorFile]
     tokenizer: Path | None
 
     def keys(self) -> list[str]:
@@ -40,10 +57,23 @@ class Source:
         return self.files[name].shape(name)
 
     def get(self, name: str) -> np.ndarray:
+        """A lazy (memory-mapped) view of a tensor."""
         return self.files[name].get(name)
+
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """An in-memory copy of (rows of) a tensor; nothing of it stays mapped, so streaming keeps memory flat."""
+        return self.files[name].read(name, rows)
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name))) * self.files[name].dtype(name).itemsize
 
     def file_of(self, name: str) -> Path:
         return self.files[name].path
+
+    def label(self, name: str) -> str:
+        """A tensor's name for messages (with its stored name when presented under another)."""
+        f = self.files[name]
+        return f.label(name) if isinstance(f, Aliased) else name
 
     def check(self) -> None:
         """Every expected tensor present with the shape the config implies, and nothing unknown left."""
@@ -56,12 +86,12 @@ class Source:
                 want = expected_shape(rule, cfg)
                 if self.shape(name) != want:
                     raise CheckpointError(
-                        f"{self.file_of(name)}: tensor {name} has shape {list(self.shape(name))}, "
+                        f"{self.file_of(name)}: tensor {self.label(name)} has shape {list(self.shape(name))}, "
                         f"the config implies {list(want)}"
                     )
         extra = sorted(n for n in set(self.files) - expected if not n.endswith(IGNORED_SUFFIXES))
         if extra:
-            raise CheckpointError(f"{self.file_of(extra[0])}: unexpected tensor {extra[0]}")
+            raise CheckpointError(f"{self.file_of(extra[0])}: unexpected tensor {self.label(extra[0])}")
 
 
 def expected_shape(rule: mapping.Rule, cfg: ModelConfig) -> tuple[int, ...]:
@@ -92,12 +122,11 @@ def open_source(path: str | Path) -> Source:
         return Source(path, "hf", "hf", cfg, _index(files), tokenizer)
     if (path / "params.json").is_file():
         cfg = config_lib.from_params_json(_read_json(path / "params.json"))
-        files = sorted(path.glob("consolidated*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path}: params.json but no consolidated*.safetensors file")
-        dtype = SafetensorsFile(files[0])
-        cfg = cfg.with_dtype(_dtype_name(dtype.dtype(dtype.keys()[0]))) if dtype.keys() else cfg
-        return Source(path, "mistral", "mistral", cfg, _index(files), tokenizer)
+        files = _mistral_files(path, cfg)
+        first = next(iter(files), None)
+        if first is not None:
+            cfg = cfg.with_dtype(_dtype_name(files[first].dtype(first)))
+        return Source(path, "mistral", "mistral", cfg, files, tokenizer)
     raise CheckpointError(f"{path}: not a checkpoint folder (no config.json or params.json)")
 
 
@@ -122,10 +151,82 @@ def _hf_files(path: Path) -> list[Path]:
     return files
 
 
-def _index(paths: list[Path]) -> dict[str, SafetensorsFile]:
-    files: dict[str, SafetensorsFile] = {}
+def _mistral_files(path: Path, cfg: ModelConfig) -> dict[str, TensorFile]:
+    """`consolidated*.safetensors`, else `consolidated.NN.pth`/`.pt` (MegaBlocks experts split per expert)."""
+    safetensors = sorted(path.glob("consolidated*.safetensors"))
+    if safetensors:
+        return _index(safetensors)
+    pickled = sorted({p for pattern in TORCH_PATTERNS for p in path.glob(pattern)})
+    if not pickled:
+        raise CheckpointError(f"{path}: params.json but no consolidated*.safetensors, .pth or .pt file")
+    return _index(pickled, lambda p: Aliased(TorchFile(p), mapping.MEGABLOCKS_ALIASES, cfg))
+
+
+class Aliased:
+    """A file whose tensors stored under other names (MegaBlocks-stacked experts included) are presented
+    under the names the mapping rules read; other tensors pass through unchanged."""
+
+    def __init__(self, file: TensorFile, aliases: tuple[mapping.Alias, ...], cfg: ModelConfig):
+        self.file, self.path = file, file.path
+        self._views: dict[str, tuple[str, slice, bool]] = {}  # presented -> (stored, rows, transposed)
+        for alias in aliases:
+            for layer in range(cfg.n_layers):
+                stored = alias.stored.format(layer=layer)
+                if stored not in file.keys():
+                    continue
+                if not alias.split_experts:
+                    self._views[alias.name.format(layer=layer)] = (stored, slice(None), alias.transposed)
+                    continue
+                rows = file.shape(stored)[0] if file.shape(stored) else 0
+                if not cfg.n_experts or rows % cfg.n_experts:
+                    raise CheckpointError(
+                        f"{file.path}: tensor {stored} has {rows} rows, not a multiple of the config's "
+                        f"{cfg.n_experts} experts"
+                    )
+                per = rows // cfg.n_experts
+                for e in range(cfg.n_experts):
+                    rows_e = slice(e * per, (e + 1) * per)
+                    self._views[alias.name.format(layer=layer, expert=e)] = (stored, rows_e, alias.transposed)
+        stored_names = {stored for stored, _, _ in self._views.values()}
+        self._plain = [n for n in file.keys() if n not in stored_names]
+
+    def keys(self) -> list[str]:
+        return self._plain + list(self._views)
+
+    def label(self, name: str) -> str:
+        """The presented name, with the stored one it comes from."""
+        return f"{name} (stored as {self._views[name][0]})" if name in self._views else name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._views:
+            return self.file.shape(name)
+        stored, rows, transposed = self._views[name]
+        shape = self.file.shape(stored)
+        shape = (len(range(*rows.indices(shape[0]))),) + shape[1:]
+        return shape[::-1] if transposed else shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.file.dtype(self._views[name][0] if name in self._views else name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._views:
+            return self.file.get(name)
+        stored, rows, transposed = self._views[name]
+        w = self.file.get(stored)[rows]
+        return w.T if transposed else w
+
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        if name not in self._views:
+            return self.file.read(name, rows)
+        stored, stored_rows, transposed = self._views[name]
+        w = self.file.read(stored, stored_rows)
+        return w.T[rows] if transposed else w[rows]
+
+
+def _index(paths: list[Path], reader: Callable[[Path], TensorFile] = SafetensorsFile) -> dict[str, TensorFile]:
+    files: dict[str, TensorFile] = {}
     for p in paths:
-        f = SafetensorsFile(p)
+        f = reader(p)
         for name in f.keys():
             if name in files:
                 raise CheckpointError(f"{p}: tensor {name} also appears in {files[name].path.name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,34 @@ class Mixtral:
         with self.context():
             return _forward_logits(self.graphdef, self.params, ids)
 
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+        """The new token ids for each prompt (token-id lists of any lengths), ending with EOS where a row
+        stopped on it. Temperature 0 is greedy; a ragged batch gives each prompt what it gets alone.
+        The same arguments and seed give the same tokens."""
+        from mixtral_jax import generate
+
+        return generate.generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+
+    def stream(self, prompt: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               stop_at_eos: bool = True) -> Iterator[int] | Iterator[list[int | None]]:
+        """`generate` as a generator: for one prompt (a list of ids) each new id, for a batch (a list of
+        lists) each step's ids with None for finished rows."""
+        from mixtral_jax import generate
+
+        single = len(prompt) > 0 and not isinstance(prompt[0], Sequence)
+        steps = generate.stream(self, [prompt] if single else prompt, max_new_tokens, temperature, top_k, top_p,
+                                seed, stop_at_eos)
+        return (ids[0] for ids in steps) if single else steps
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """log p(ids[t + 1] | ids[:t + 1]) for each next token, float32 [len(ids) - 1]."""
+        from mixtral_jax import generate
+
+        return generate.score(self, ids)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> jax.Array:
@@ -96,11 +125,22 @@ def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = No
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None) -> Mixtral:
-    """A Hugging Face or Mistral checkpoint folder, read straight into arrays sharded over `mesh`.
+    """A model folder (`mixtral-jax convert` output) or a Hugging Face or Mistral checkpoint folder, read
+    straight into arrays sharded over `mesh`.
 
-    Each device's slice is assembled from memory-mapped source tensors, so a host reads only what its
-    devices hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype.
+    A model folder is restored by Orbax into the target sharding; from a foreign folder each device's
+    slice is assembled from memory-mapped source tensors. Either way a host reads only what its devices
+    hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype.
     """
+    from mixtral_jax import checkpoint
+
+    if checkpoint.is_checkpoint(path):
+        cfg = checkpoint.read_config(path).with_dtype(dtype)
+        mesh = default_mesh(mesh)
+        graphdef, abstract = abstract_model(cfg)
+        params = checkpoint.restore(path, abstract, mesh)
+        return Mixtral(cfg, graphdef, params, _tokenizer(checkpoint.tokenizer_path(path)), mesh)
+
     from mixtral_jax.convert import mapping
     from mixtral_jax.convert.sources import open_source
 

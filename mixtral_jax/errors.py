@@ -15,3 +15,7 @@ class CheckpointError(MixtralError):
 
 class ChatFormatError(MixtralError):
     """A chat message list that the Mistral instruct format cannot encode."""
+
+
+class DataError(MixtralError):
+    """Training data that is missing, unreadable or too short for the requested batches."""

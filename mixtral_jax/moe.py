@@ -7,16 +7,20 @@ Every dispatch strategy has one signature, `(x [T, D], weights [T, k] f32, exper
 - reference: every expert on every token (the oracle; E/k times the needed FLOPs).
 - grouped: token copies sorted by expert and multiplied with `jax.lax.ragged_dot` (prefill, large batches).
 - decode: the chosen experts' weights gathered per token (reads only those; few tokens).
+On a mesh whose expert or tensor axis is split, the chosen strategy runs per device on its local experts
+inside `expert_parallel.dispatch`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import expert_parallel
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
@@ -90,6 +94,8 @@ class MoE(nnx.Module):
         logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32), self.router[...].astype(jnp.float32))
         weights, experts = route(logits, self.top_k)
         dispatch = choose(self.impl, b * t, self.top_k, self.w1.shape[0])
+        if expert_parallel.active():
+            dispatch = functools.partial(expert_parallel.dispatch, functools.partial(choose, self.impl))
         w1, w3, w2 = (w[...].astype(x.dtype) for w in (self.w1, self.w3, self.w2))
         y = dispatch(tokens, weights, experts, w1, w3, w2)
         return y.astype(x.dtype).reshape(b, t, d), logits.reshape(b, t, -1)

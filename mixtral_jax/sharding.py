@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import math
+import re
 import tomllib
 from typing import Iterator, Sequence
 
@@ -42,7 +43,28 @@ def load_rules(name: str = "default") -> Rules:
 
 def logical_spec(names: Sequence[str | None]) -> jax.P:
     """`PartitionSpec` for logical axis names under the rules of the enclosing `rules_context`."""
-    return spmd.get_pspec(jax.P(*names))
+    return _first_use(spmd.get_pspec(jax.P(*names)))
+
+
+def _first_use(spec: jax.P) -> jax.P:
+    """Each mesh axis splits only the first dimension that asks for it (a rule such as `embed =
+    ["fsdp", "expert"]` spreads attention rows over `expert`, while an expert weight's `exp` dimension,
+    which comes first, already takes that axis)."""
+    used: set[str] = set()
+    dims = []
+    for entry in spec:
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(a for a in axes if a not in used)
+        used.update(kept)
+        dims.append(kept[0] if len(kept) == 1 else kept or None)
+    return jax.P(*dims)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes that the logical axis `name` is split over under the enclosing rules."""
+    entry = spmd.get_pspec(jax.P(name))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(a for a in axes if a in MESH_AXES)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -63,20 +85,25 @@ def rules_context(mesh: jax.sharding.Mesh | None, rules: Rules | None = None) ->
                 yield
 
 
+_MESH_PART = re.compile(r"\s*([a-z]+)\s*=\s*([0-9]+)\s*")
+
+
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """`"data=2,expert=4"` -> sizes of all four mesh axes (missing axes are 1)."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     seen: set[str] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise ConfigError(f"bad mesh spec {spec!r}: expected axis=size with axes {', '.join(MESH_AXES)}")
+    for part in spec.split(","):
+        match = _MESH_PART.fullmatch(part)
+        if match is None or match[1] not in MESH_AXES:
+            raise ConfigError(
+                f"bad mesh spec {spec!r}: expected axis=size,... with axes {', '.join(MESH_AXES)}"
+            )
+        name, size = match[1], int(match[2])
         if name in seen:
             raise ConfigError(f"bad mesh spec {spec!r}: axis {name} given twice")
-        if not value.strip().isdigit() or int(value) < 1:
+        if size < 1:
             raise ConfigError(f"bad mesh spec {spec!r}: size of {name} must be a positive integer")
-        sizes[name] = int(value)
+        sizes[name] = size
         seen.add(name)
     return sizes
 
@@ -95,7 +122,29 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
 
 
 def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> nnx.State:
-    """`NamedSharding` for every variable of an (abstract) state from its logical axis metadata."""
+    """`NamedSharding` for every variable of an (abstract) state from its logical axis metadata.
+
+    Raises ConfigError when a mesh axis does not divide the dimension it splits.
+    """
     with nnx.logical_axis_rules(rules or load_rules()):
         specs = nnx.get_partition_spec(state)
-    return jax.tree.map(lambda spec: jax.NamedSharding(mesh, spec), specs)
+
+    def sharding(path: tuple, spec: jax.P, leaf) -> jax.NamedSharding:
+        spec = _first_use(spec)
+        for dim, entry in zip(leaf.shape, spec):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if dim % parts:
+                name = ".".join(str(k) for k in (getattr(p, "key", getattr(p, "name", p)) for p in path)
+                                if k != "value")
+                split = ",".join(f"{a}={mesh.shape[a]}" for a in axes if mesh.shape[a] > 1)
+                raise ConfigError(
+                    f"mesh {split} does not divide dimension {dim} of {name} {list(leaf.shape)}; "
+                    f"choose axis sizes that divide it"
+                )
+        return jax.NamedSharding(mesh, spec)
+
+    return jax.tree.map_with_path(
+        lambda path, spec, leaf: sharding(path, spec, leaf.get_value() if hasattr(leaf, "get_value") else leaf),
+        specs, state,
+    )

@@ -85,3 +85,53 @@ def write_mistral_safetensors(folder: Path, out: Path) -> Path:
     save_file({k: v.contiguous() for k, v in hf_to_mistral_names(folder, out).items()},
               out / "consolidated.safetensors")
     return out
+
+
+def write_hf_shards(folder: Path, out: Path, shards: int) -> Path:
+    """The same Hugging Face checkpoint split into `shards` safetensors files with an index."""
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    names, weight_map = list(tensors), {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i * len(names) // shards:(i + 1) * len(names) // shards]
+        save_file({n: tensors[n].contiguous() for n in part}, out / file)
+        weight_map |= dict.fromkeys(part, file)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def write_mistral_pth(folder: Path, out: Path) -> Path:
+    """Mistral's consolidated release as one `consolidated.00.pth` (per-expert names)."""
+    tensors = hf_to_mistral_names(folder, out)
+    torch.save({k: v.contiguous() for k, v in tensors.items()}, out / "consolidated.00.pth")
+    return out
+
+
+def write_megablocks_pt(folder: Path, out: Path, files: int = 2) -> Path:
+    """The Hub's original `consolidated.NN.pt` set: layers spread over `files`, experts stacked MegaBlocks-style
+    (`block_sparse_moe.w1/w3` [E*F, D], `w2` stored transposed per expert), `params.json` without rope_theta."""
+    tensors = hf_to_mistral_names(folder, out)
+    params = json.loads((out / "params.json").read_text())
+    params.pop("rope_theta")
+    (out / "params.json").write_text(json.dumps(params))
+    n_layers, n_experts = params["n_layers"], params["moe"]["num_experts"]
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(files)]
+    for name, w in tensors.items():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else 0
+        part = parts[layer * files // n_layers]
+        if ".feed_forward.experts." in name:
+            continue
+        part[name.replace("feed_forward.gate", "block_sparse_moe.gate")] = w.contiguous()
+    for layer in range(n_layers):
+        part = parts[layer * files // n_layers]
+        for w in ("w1", "w2", "w3"):
+            experts = [tensors[f"layers.{layer}.feed_forward.experts.{e}.{w}.weight"] for e in range(n_experts)]
+            experts = [x.T for x in experts] if w == "w2" else experts
+            part[f"layers.{layer}.block_sparse_moe.{w}"] = torch.cat(experts).contiguous()
+    for i, part in enumerate(parts):
+        torch.save(part, out / f"consolidated.{i:02d}.pt")
+    return out

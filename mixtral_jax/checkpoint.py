@@ -1,0 +1,246 @@
+"""Model folders holding an Orbax checkpoint: atomic writes, streaming writes, sharded restore.
+
+Every Orbax call of the project lives here. A model folder is:
+
+    FOLDER/model_config.json   the `ModelConfig` (JSON)
+    FOLDER/tokenizer.model     SentencePiece tokenizer, when the source had one
+    FOLDER/params/             Orbax `StandardCheckpointer` layout without OCDBT: `_METADATA` (the tree),
+                               `_CHECKPOINT_METADATA`, and one zarr v2 array per parameter, named by its
+                               path (`layers.ffn.w1/`), zstd-compressed chunks of at most `CHUNK_BYTES`
+                               (one layer and one expert per chunk, inner dimensions halved to fit)
+
+`write_model` saves in-memory parameters; `ArrayWriter` fills the same layout a slice at a time, so a
+converter never holds more than one tensor. `restore` reads straight into the target sharding: each host
+reads only the chunks under its devices' shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+
+from mixtral_jax import sharding as sh
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.errors import CheckpointError
+
+CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.model"
+PARAMS_DIR = "params"
+CHUNK_BYTES = 16 << 20
+_STAGING = ".partial-"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a complete model folder (the config is written last, just before the rename)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR / "_METADATA").is_file()
+
+
+@contextlib.contextmanager
+def staging(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A fresh folder beside `output`, renamed to `output` when the block succeeds, removed when it fails.
+
+    An existing `output` is refused unless `force`. Folders left by killed runs (their process is gone)
+    are removed first, so a rerun starts clean.
+    """
+    output = Path(output).absolute()
+    if output.exists() and not force:
+        raise CheckpointError(f"{output}: already exists (pass --force to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{output.name}{_STAGING}"
+    for stale in output.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = output.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if output.exists():
+            old = output.parent / f"{prefix}{os.getpid()}-old"
+            output.rename(old)
+            tmp.rename(output)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(folder: str | os.PathLike, config: ModelConfig, params: nnx.State,
+                tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Save in-memory (possibly sharded) parameters, the config and a tokenizer as a model folder, from
+    a single process (the staging folder is named after it)."""
+    with staging(folder, force) as tmp:
+        checkpointer = ocp.StandardCheckpointer(use_ocdbt=False)
+        checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(params))
+        checkpointer.wait_until_finished()
+        finish(tmp, config, tokenizer)
+    return Path(folder)
+
+
+def finish(folder: Path, config: ModelConfig, tokenizer: str | os.PathLike | None) -> None:
+    """Write the tokenizer and, last, the config that makes `folder` a checkpoint."""
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+    config.save(folder / CONFIG_FILE)
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    folder = Path(folder)
+    if not is_checkpoint(folder):
+        raise CheckpointError(f"{folder}: not a model checkpoint folder (no {CONFIG_FILE} and {PARAMS_DIR}/)")
+    return ModelConfig.load(folder / CONFIG_FILE)
+
+
+def tokenizer_path(folder: str | os.PathLike) -> Path | None:
+    path = Path(folder) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
+def restore(folder: str | os.PathLike, abstract: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """Parameters read into the sharding `abstract`'s logical axes imply on `mesh`, cast to its dtypes."""
+    path = Path(folder).absolute() / PARAMS_DIR
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(path).item_metadata
+    if stored is None:  # orbax could not open every array listed in _METADATA
+        raise CheckpointError(f"{path}: incomplete checkpoint (a parameter's array is missing or unreadable)")
+    stored = stored.tree
+    shardings = nnx.to_pure_dict(sh.named_shardings(abstract, mesh))
+
+    def target(keys: tuple, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        name = ".".join(str(k.key) for k in keys)
+        meta = _get(stored, keys)
+        if meta is None:
+            raise CheckpointError(f"{path}: parameter {name} is missing")
+        if tuple(meta.shape) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{path}: parameter {name} has shape {list(meta.shape)}, the config implies {list(leaf.shape)}"
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_get(shardings, keys))
+
+    pure = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract))
+    try:
+        restored = checkpointer.restore(path, pure)
+    except Exception as e:  # orbax wraps tensorstore's errors (a chunk file damaged or missing) in Exception
+        while e.__cause__ is not None:
+            e = e.__cause__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+    nnx.replace_by_pure_dict(abstract, restored)
+    return abstract
+
+
+class ArraySpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stacked: int  # leading axes written one index at a time (layer, expert)
+
+
+class ArrayWriter:
+    """Fills the `params/` layout that `StandardCheckpointer` restores, one slice at a time.
+
+    `specs` maps parameter paths (`"layers.attn.wq"`) to their `ArraySpec`. Writes go straight to disk;
+    one write is in flight while the caller prepares the next. `close` writes the tree metadata.
+    """
+
+    def __init__(self, folder: str | os.PathLike, specs: dict[str, ArraySpec]):
+        self.path = Path(folder).absolute() / PARAMS_DIR
+        self.path.mkdir(parents=True)
+        self._specs = specs
+        self._pending: tuple[ts.Future, np.ndarray] | None = None
+        self._started = time.time_ns()
+        self._arrays = {name: self._create(name, spec) for name, spec in specs.items()}
+
+    def _create(self, name: str, spec: ArraySpec) -> ts.TensorStore:
+        dtype = np.dtype(spec.dtype)
+        return ts.open({
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(self.path / name)},
+            "metadata": {
+                "shape": list(spec.shape), "chunks": list(chunk_shape(spec.shape, dtype.itemsize, spec.stacked)),
+                "dtype": "bfloat16" if dtype.name == "bfloat16" else dtype.str,
+                "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
+            },
+        }, create=True).result()
+
+    def chunks(self, name: str) -> tuple[int, ...]:
+        """The storage chunk shape of a parameter (writes aligned to it never rewrite a chunk)."""
+        return tuple(self._arrays[name].chunk_layout.read_chunk.shape)
+
+    def write(self, name: str, index: tuple[int | slice, ...], value: np.ndarray) -> None:
+        """`param[index] = value` (e.g. `(layer, expert)`, or `(layer, slice(None), slice(0, 512))`)."""
+        self.flush()
+        value = np.asarray(value, dtype=self._specs[name].dtype)
+        array = self._arrays[name][index] if index else self._arrays[name]
+        self._pending = (array.write(value), value)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._pending[0].result()
+            self._pending = None
+
+    def close(self) -> None:
+        self.flush()
+        tree: dict[str, Any] = {}
+        for name, spec in self._specs.items():
+            keys = name.split(".")
+            tree[str(tuple(keys))] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in keys],  # 2: a dict key
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                   "write_shape": list(spec.shape)},
+            }
+        metadata = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        (self.path / "_METADATA").write_text(json.dumps(metadata))
+        (self.path / "_CHECKPOINT_METADATA").write_text(json.dumps({
+            "item_handlers": ocp.StandardCheckpointHandler.typestr(), "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": self._started, "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        }))
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: int) -> tuple[int, ...]:
+    """Storage chunks: 1 along the `stacked` leading axes (layer, expert), inner axes halved until a chunk
+    holds at most `CHUNK_BYTES`; halving keeps chunk edges on the boundaries of 2-, 4-, 8-way shards."""
+    chunks = [1] * stacked + list(shape[stacked:])
+    while int(np.prod(chunks)) * itemsize > CHUNK_BYTES:
+        inner = [i for i in range(stacked, len(chunks)) if chunks[i] % 2 == 0]
+        if not inner:
+            break
+        i = max(inner, key=lambda i: chunks[i])
+        chunks[i] //= 2
+    return tuple(chunks)
+
+
+def _get(tree: Any, keys: tuple) -> Any:
+    for k in keys:
+        if not isinstance(tree, dict) or k.key not in tree:
+            return None
+        tree = tree[k.key]
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,47 @@
+"""`mixtral-jax plan`: per-device memory of a config on a mesh, from XLA's analysis of the compiled programs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mixtral_jax.plan import CHIPS, GIB
+
+HELP = "per-device memory of prefill and decode on a mesh (compiled ahead of time, nothing allocated)"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help=HELP, description=HELP)
+    p.add_argument("--config", required=True, help="preset name (e.g. mixtral-8x7b) or a config .json")
+    p.add_argument("--mesh", required=True, help="mesh spec axis=size,... over data, fsdp, expert, tensor")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--max-len", type=int, default=4096, help="prompt plus new tokens (default 4096)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--hbm-gb", type=float, help="memory per device in GiB to check the plan against")
+    fit.add_argument("--chip", help=f"a known chip to check against: {', '.join(CHIPS)}")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixtral_jax import plan
+
+    hbm = plan.hbm_of(args.chip) if args.chip else args.hbm_gb
+    result = plan.plan(args.config, args.mesh, args.batch, args.max_len, args.dtype)
+    if args.json:
+        print(json.dumps(result.to_json(hbm)))
+        return 0
+    mesh = ",".join(f"{k}={v}" for k, v in result.mesh.items() if v > 1) or "one device"
+    print(f"{args.config} ({result.param_count / 1e9:.1f}B parameters, {args.dtype}) on {mesh} "
+          f"({result.devices} devices), batch {args.batch}, {args.max_len} tokens; per device:")
+    rows = [("parameters", result.params_bytes), ("KV cache", result.cache_bytes),
+            ("temporaries", result.temp_bytes), ("prefill peak", result.prefill_bytes),
+            ("decode peak", result.decode_bytes), ("total", result.total_bytes)]
+    for name, value in rows:
+        print(f"  {name:<13} {value / GIB:8.2f} GiB")
+    if hbm is not None:
+        spare = hbm - result.total_bytes / GIB
+        verdict = f"fits, {spare:.2f} GiB to spare" if spare >= 0 else f"does NOT fit, {-spare:.2f} GiB short"
+        print(f"  {args.chip or 'device'} with {hbm:g} GiB: {verdict}")
+    return 0

@@ -1,0 +1,81 @@
+"""Multi-host runs: join the processes of one job with `jax.distributed`, and keep their output apart.
+
+Every process runs the same command; afterwards `jax.devices()` lists the devices of all hosts, a mesh
+spans them, and each host reads and holds only its own devices' shards. Only process 0 writes to stdout
+unless asked (`--print-all-processes`); errors still go to every process's stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mixtral_jax.errors import ConfigError
+
+_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-host flags shared by every command that runs a model."""
+    group = parser.add_argument_group("multi-host (every process runs the same command)")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="address of process 0 (auto-detected on TPU VMs)")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    group.add_argument("--print-all-processes", action="store_true",
+                       help="every process prints its output (default: only process 0)")
+
+
+def from_args(args: argparse.Namespace) -> None:
+    """`initialize` from the flags of `add_distributed_args`."""
+    initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+               getattr(args, "process_id", None), print_all=getattr(args, "print_all_processes", False))
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, print_all: bool = False) -> None:
+    """Join a multi-process job: with the given coordinator, process count and id; on a TPU VM with none
+    given, as the TPU runtime describes the slice; otherwise (one process) do nothing. Call it before any
+    other JAX call. Processes other than 0 then print nothing to stdout unless `print_all`."""
+    import jax
+
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given):
+        if None in given:
+            raise ConfigError("multi-host needs all of --coordinator-address, --num-processes and --process-id")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+        _initialize(jax, coordinator_address=coordinator_address, num_processes=num_processes,
+                    process_id=process_id)
+    elif any(os.path.exists(p) for p in _TPU_DEVICE_FILES):
+        _initialize(jax)
+    if jax.process_index() != 0 and not print_all:
+        sys.stdout = open(os.devnull, "w")
+
+
+def _initialize(jax, **kwargs) -> None:
+    if jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"could not join the multi-host job: {str(e).splitlines()[0]}") from None
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that prints and writes files."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def fetch(x) -> "np.ndarray":
+    """The whole value of an array on every process, also one sharded over several hosts."""
+    import numpy as np
+
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,0 +1,67 @@
+"""Expert parallelism: the MoE dispatch on a mesh, as a `shard_map` that gathers and then reduces.
+
+Legend: T tokens (batch and length flattened), D model dim, E experts, F expert FFN dim, k experts per token.
+
+Each device holds E/ep experts with F/tp of their FFN columns (ep, tp: the sizes of the mesh axes that the
+rules map `exp` and `mlp` to) and sees the tokens of its data shard, replicated over the expert and tensor
+axes like every activation. It runs the single-device dispatch (`moe.choose`) on its local experts only:
+token copies routed elsewhere get the sentinel id E/ep, which every strategy treats as weight zero, so no
+token is dropped and no capacity is needed. The partial sums [T, D] are then added over the expert and
+tensor axes with one `psum`: per MoE layer each device all-reduces T_local x D float32 values
+(docs/parallelism.md has the bytes). Only collectives with a CPU lowering are used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax import sharding as sh
+
+
+def active() -> bool:
+    """Whether the MoE block runs expert-parallel: inside a mesh whose expert or tensor axes are split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    return math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.EXP) + sh.mesh_axes(sh.MLP)) > 1
+
+
+def dispatch(choose: Callable[[int, int, int], Callable[..., jax.Array]],
+             x, weights, experts, w1, w3, w2) -> jax.Array:
+    """The `moe` dispatch signature (x [T, D], weights/experts [T, k], w1/w3 [E, D, F], w2 [E, F, D]) ->
+    [T, D] float32, run with experts split over the mesh; `choose(tokens, k, experts)` picks the local
+    single-device strategy."""
+    mesh = jax.sharding.get_abstract_mesh()
+    exp_axes, mlp_axes = sh.mesh_axes(sh.EXP), sh.mesh_axes(sh.MLP)
+    token_axes = _token_axes(mesh, x.shape[0], exp_axes + mlp_axes)
+    n_local = w1.shape[0] // math.prod(mesh.shape[a] for a in exp_axes)
+    tokens = jax.P(token_axes, None)
+    up = jax.P(exp_axes or None, None, mlp_axes or None)
+    down = jax.P(exp_axes or None, mlp_axes or None, None)
+
+    def local(x, weights, experts, w1, w3, w2):
+        first = jax.lax.axis_index(exp_axes) * n_local if exp_axes else 0
+        mine = (experts >= first) & (experts < first + n_local)
+        local_experts = jnp.where(mine, experts - first, n_local)  # sentinel n_local: not here
+        local_weights = jnp.where(mine, weights, 0.0)
+        strategy = choose(x.shape[0], experts.shape[1], n_local)
+        y = strategy(x, local_weights, local_experts, w1, w3, w2)  # [T_local, D] partial sums
+        return jax.lax.psum(y, exp_axes + mlp_axes)
+
+    return jax.shard_map(
+        local, in_specs=(tokens, tokens, tokens, up, up, down), out_specs=tokens, check_vma=True
+    )(x, weights, experts, w1, w3, w2)
+
+
+def _token_axes(mesh, n_tokens: int, taken: tuple[str, ...]) -> tuple[str, ...]:
+    """The batch mesh axes that split the tokens: those of the `batch` rule whose product divides the
+    token count (a batch too small for the data axis is computed on each of its devices)."""
+    axes: list[str] = []
+    for axis in sh.mesh_axes(sh.BATCH):
+        if axis not in taken and n_tokens % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
+            axes.append(axis)
+    return tuple(axes)

@@ -1,0 +1,260 @@
+"""Generation: a chunked prefill into a preallocated KV cache, then the decode loop as one `lax.while_loop`.
+
+Legend: B batch, T padded prompt length, C prefill chunk, S cache slots, N new-token buffer, V vocab.
+
+Prompts are right-padded to a bucketed length (padding has position -1 and is never cached), each row
+decodes from its own length, and the batch, prompt, cache and output sizes are all rounded up to buckets,
+so a new prompt or `max_new_tokens` recompiles only when it crosses a bucket. The prefill processes C
+tokens at a time, so its attention scores are [C, S], linear in the prompt length. The decode loop stops
+at the step limit `stop`, a traced value: `generate` runs it once to the end, `stream` re-enters the same
+compiled loop a few steps at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.cache import KVCache
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.errors import MixtralError
+from mixtral_jax.sampling import Sampler, sample
+
+if TYPE_CHECKING:
+    from mixtral_jax.api import Mixtral
+
+DEFAULT_CHUNK = 256
+MIN_BUCKET = 16
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries; created by `prefill`, advanced by `decode`."""
+
+    cache: KVCache
+    tokens: jax.Array  # [B] int32, each row's latest token (the next step's input)
+    positions: jax.Array  # [B] int32, its position
+    out: jax.Array  # [B, N] int32, the new tokens; -1 after a row is done
+    step: jax.Array  # [] int32, new tokens produced so far
+    done: jax.Array  # [B] bool
+    limit: jax.Array  # [] int32, max_new_tokens
+    eos: jax.Array  # [] int32, the id that ends a row; -1 never does
+    key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
+
+
+def bucket(n: int, chunk: int) -> int:
+    """A padded length for `n`: a power of two (at least 16) up to `chunk`, then a multiple of `chunk`."""
+    if n <= chunk:
+        return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), chunk)
+    return -(-n // chunk) * chunk
+
+
+def _pow2(n: int, multiple: int = 1) -> int:
+    n = max(1 << (n - 1).bit_length(), multiple)
+    return -(-n // multiple) * multiple
+
+
+def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Array:
+    """Positions [B, C] of the chunk that starts at `start`; -1 past each row's length."""
+    pos = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    return jnp.where(pos < lengths[:, None], pos, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"))
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
+            limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
+            cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
+    """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
+    first new token. The cache is filled C tokens at a time; logits are computed only at each row's last
+    prompt token."""
+    batch, length = tokens.shape
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk)
+
+    def body(i, carry):
+        cache, last = carry
+        start = i * chunk
+        out = nnx.merge(graphdef, params)(
+            jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
+            _chunk_positions(start, chunk, lengths),
+            cache,
+            logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1),
+        )
+        here = (lengths - 1 >= start) & (lengths - 1 < start + chunk)
+        return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
+
+    last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+    cache, last = jax.lax.fori_loop(0, length // chunk, body, (cache, last))
+    padding = lengths == 0
+    first = jnp.where(padding, -1, sample(jax.random.fold_in(key, 0), last, sampler))
+    return DecodeState(
+        cache=cache,
+        tokens=jnp.maximum(first, 0),
+        positions=lengths,
+        out=jnp.full((batch, n_out), -1, jnp.int32).at[:, 0].set(first),
+        step=jnp.int32(1),
+        done=padding | (first == eos) | (limit <= 1),
+        limit=limit,
+        eos=eos,
+        key=key,
+    )
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state")
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop: jax.Array,
+           sampler: Sampler) -> DecodeState:
+    """Decode one token per row per step until step `stop`, the limit, or every row is done."""
+
+    def running(s: DecodeState) -> jax.Array:
+        return (s.step < stop) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        positions = jnp.where(s.done, -1, s.positions)  # finished rows write nothing to the cache
+        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache)
+        new = sample(jax.random.fold_in(s.key, s.step), out.logits[:, 0], sampler)
+        new = jnp.where(s.done, -1, new)
+        return s.replace(
+            cache=out.cache,
+            tokens=jnp.where(s.done, s.tokens, new),
+            positions=s.positions + 1,
+            out=s.out.at[:, s.step].set(new),
+            step=s.step + 1,
+            done=s.done | (new == s.eos) | (s.step + 1 >= s.limit),
+        )
+
+    return jax.lax.while_loop(running, step, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"))
+def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
+                   cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
+    """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
+    one chunk at a time through the KV cache."""
+    batch, length = tokens.shape
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk)
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+    def body(cache, start):
+        positions = _chunk_positions(start, chunk, lengths)
+        out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
+                                          positions, cache)
+        logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
+        nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
+        picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+        valid = (positions >= 0) & (positions < lengths[:, None] - 1)
+        return out.cache, jnp.where(valid, picked, 0.0)
+
+    _, logprobs = jax.lax.scan(body, cache, jnp.arange(0, length, chunk, dtype=jnp.int32))
+    return jnp.moveaxis(logprobs, 0, 1).reshape(batch, length)  # [T/C, B, C] -> [B, T]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int, max_new_tokens: int = 0) -> None:
+    """Raise MixtralError unless `prompts` are non-empty id lists that fit the context with the new tokens."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise MixtralError("prompts must be a non-empty list of token-id lists")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise MixtralError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer):
+            raise MixtralError(f"prompt {i} must be a non-empty list of token ids")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise MixtralError(f"prompt {i} has token ids outside [0, {vocab_size})")
+        if len(ids) + max_new_tokens > max_len:
+            raise MixtralError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                f"the model's context of {max_len} tokens"
+            )
+
+
+def generate(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
+             chunk: int = DEFAULT_CHUNK) -> list[list[int]]:
+    """The new ids of each prompt (ending with EOS where a row stopped on it); see `Mixtral.generate`."""
+    run = _Run(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, chunk)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    run.prefill()
+    out = np.asarray(run.decode(max_new_tokens).out)[: len(prompts)]
+    return [row[row >= 0].tolist() for row in out]
+
+
+def stream(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
+           chunk: int = DEFAULT_CHUNK, segment: int = 4) -> Iterator[list[int | None]]:
+    """Yields each step's new id per prompt (None for a finished row) as the compiled loop produces
+    them, running it `segment` steps at a time; the tokens equal `generate`'s for the same arguments."""
+    run = _Run(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, chunk)
+    if max_new_tokens:
+        run.prefill()
+    emitted = 0
+    while emitted < max_new_tokens:
+        state = run.state
+        out, step = np.asarray(state.out), int(state.step)
+        for i in range(emitted, step):
+            yield [int(t) if t >= 0 else None for t in out[: len(prompts), i]]
+        emitted = step
+        if step >= max_new_tokens or bool(np.all(np.asarray(state.done))):
+            return
+        run.decode(min(step + segment, max_new_tokens))
+
+
+def score(model: Mixtral, ids: Sequence[int], chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
+    cfg = model.config
+    check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
+    length = bucket(len(ids), chunk)
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, : len(ids)] = ids
+    with model.context():
+        logprobs = token_logprobs(model.graphdef, model.params, jnp.asarray(tokens), jnp.asarray([len(ids)]),
+                                  cfg=cfg, chunk=min(chunk, length), slots=_slots(cfg, len(ids)))
+    return np.asarray(logprobs[0, : len(ids) - 1])
+
+
+def _slots(cfg: ModelConfig, needed: int) -> int:
+    """Cache positions for `needed` tokens, bucketed to a power of two within the context."""
+    return max(min(_pow2(max(needed, MIN_BUCKET)), cfg.max_seq_len), needed)
+
+
+class _Run:
+    """One batch being generated: checked arguments, bucketed arrays, and the decode state."""
+
+    def __init__(self, model: Mixtral, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                 chunk):
+        cfg = model.config
+        check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
+        self.sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
+        if chunk < 1:
+            raise MixtralError(f"chunk must be >= 1, got {chunk}")
+        self.model = model
+        lengths = [len(p) for p in prompts]
+        mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
+        length = bucket(max(lengths), chunk)
+        tokens = np.zeros((_pow2(len(prompts), mesh_batch), length), np.int32)
+        lens = np.zeros(tokens.shape[0], np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]
+        eos = model.tokenizer.eos_id if model.tokenizer is not None else cfg.eos_id
+        self.args = (jnp.asarray(tokens), jnp.asarray(lens), jnp.int32(max_new_tokens),
+                     jnp.int32(eos if stop_at_eos else -1), jax.random.key(seed), self.sampler)
+        self.static = dict(cfg=cfg, chunk=min(chunk, length), slots=_slots(cfg, max(lengths) + max_new_tokens),
+                           n_out=_pow2(max(max_new_tokens, 8)))
+        self.state: DecodeState | None = None
+
+    def prefill(self) -> DecodeState:
+        with self.model.context():
+            self.state = prefill(self.model.graphdef, self.model.params, *self.args, **self.static)
+        return self.state
+
+    def decode(self, stop: int) -> DecodeState:
+        """Advance to step `stop` (or until every row is done)."""
+        with self.model.context():
+            self.state = decode(self.model.graphdef, self.model.params, self.state, jnp.int32(stop), self.sampler)
+        return self.state

@@ -1,0 +1,68 @@
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), as pure functions.
+
+Legend: B batch, V vocab, C candidates (the k largest logits, or all V sorted).
+
+`Sampler` is a pytree: temperature and top-p are traced values (changing them does not recompile), while
+whether sampling is greedy and the top-k count shape the computation and are static.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.errors import MixtralError
+
+NEG_INF = -jnp.inf
+
+
+@flax.struct.dataclass
+class Sampler:
+    temperature: jax.Array  # [] float32; 0 means greedy
+    top_p: jax.Array | None  # [] float32 in (0, 1]; None keeps the whole distribution
+    top_k: int | None = flax.struct.field(pytree_node=False, default=None)
+    greedy: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @classmethod
+    def create(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               vocab_size: int | None = None) -> Sampler:
+        """Checked settings; top-k of at least the vocabulary and top-p of 1 are no filter at all."""
+        if not temperature >= 0:
+            raise MixtralError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise MixtralError(f"top_k must be an integer >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise MixtralError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and vocab_size is not None and top_k >= vocab_size:
+            top_k = None
+        return cls(
+            temperature=jnp.float32(temperature),
+            top_p=None if top_p is None or top_p == 1 else jnp.float32(top_p),
+            top_k=None if top_k is None else int(top_k),
+            greedy=temperature == 0,
+        )
+
+
+def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
+    """Logits [B, V] -> the sampling distribution's logits [B, V]: divided by the temperature, -inf
+    outside the top-k tokens and outside the smallest set of most likely tokens whose probability
+    reaches top-p (the nucleus; computed after top-k and temperature). Ties in top-k go to the lower id."""
+    logits = logits.astype(jnp.float32) / jnp.maximum(sampler.temperature, 1e-6)
+    if sampler.top_k is None and sampler.top_p is None:
+        return logits
+    k = logits.shape[-1] if sampler.top_k is None else sampler.top_k
+    values, ids = jax.lax.top_k(logits, k)  # [B, C] in descending order
+    if sampler.top_p is not None:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely candidates
+        values = jnp.where(mass_before < sampler.top_p, values, NEG_INF)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.full_like(logits, NEG_INF).at[rows, ids].set(values)
+
+
+def sample(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
+    """Logits [B, V] -> token ids [B] int32: the argmax when greedy, else a draw from `filter_logits`."""
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, sampler), axis=-1).astype(jnp.int32)

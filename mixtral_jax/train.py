@@ -1,0 +1,241 @@
+"""Training and fine-tuning: next-token loss plus router losses, AdamW, a jitted step sharded on the mesh.
+
+The loss is cross-entropy + `router_aux_loss_coef` * load-balancing loss + `router_z_loss_coef` * z-loss
+(coefficients from the model config). The learning rate warms up linearly for `warmup_steps` and then
+follows a cosine to `end_lr_ratio * lr` at `decay_steps`; the schedule does not depend on `steps`, so a run
+continued to a larger `steps` takes exactly the updates of one started with it. Token ids below 0 in a
+batch are right padding and count in no loss.
+
+Legend: B batch, T length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mixtral_jax import api, data, losses, trained
+from mixtral_jax import sharding as sh
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.convert.sources import TOKENIZER_FILES
+from mixtral_jax.errors import ConfigError
+from mixtral_jax.model import Transformer
+from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    decay_steps: int = 10_000
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    seed: int = 0
+    remat: bool = False
+    log_every: int = 1
+    save_every: int = 100
+    keep: int = 3
+
+
+def schedule(tc: TrainConfig) -> optax.Schedule:
+    """Learning rate by update count: linear warmup, then cosine decay to `end_lr_ratio * lr`."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, tc.warmup_steps, max(tc.decay_steps, tc.warmup_steps + 1), tc.lr * tc.end_lr_ratio
+    )
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (no decay on norm scales) on the warmup-cosine schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(schedule(tc), b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=_decay_mask),
+    )
+
+
+def _decay_mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "scale", params)
+
+
+def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and its parts for a batch [B, T + 1] of token ids (inputs and shifted targets)."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    out = model(jnp.maximum(inputs, 0))
+    loss = losses.cross_entropy(out.logits, jnp.maximum(targets, 0), targets >= 0)
+    parts = {"loss": loss}
+    total = loss
+    if out.router_logits is not None:
+        parts["aux_loss"] = losses.load_balancing_loss(out.router_logits, cfg.top_k, inputs >= 0)
+        total = total + cfg.router_aux_loss_coef * parts["aux_loss"]
+        if cfg.router_z_loss_coef:
+            parts["z_loss"] = losses.router_z_loss(out.router_logits, inputs >= 0)
+            total = total + cfg.router_z_loss_coef * parts["z_loss"]
+    parts["total_loss"] = total
+    return total, parts
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: Any, opt_state: Any,
+               batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+    parts["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, parts
+
+
+def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc: TrainConfig, *,
+          config: ModelConfig | str | None = None, init: str | os.PathLike | None = None,
+          tokenizer: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | str | None = None,
+          progress: bool = True) -> list[dict[str, float]]:
+    """Train a new model (`config`) or fine-tune a checkpoint (`init`) into OUTPUT; resume if it holds a run.
+
+    Returns the metrics logged by this call (also appended to OUTPUT/metrics.jsonl).
+    """
+    if (config is None) == (init is None):
+        raise ConfigError("give exactly one of a model config and an initial checkpoint")
+    output = Path(output)
+    mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sh.make_mesh(mesh)
+    _check_batch(tc, mesh)
+    if init is not None:
+        model = api.load(init, dtype="float32", mesh=mesh)
+        tokenizer = tokenizer or tokenizer_file(Path(init))
+    else:
+        model = api.init_random(api.resolve_config(config), seed=tc.seed, dtype="float32", mesh=mesh)
+        tokenizer = tokenizer or default_tokenizer_path()
+    cfg = model.config
+    output.mkdir(parents=True, exist_ok=True)
+    _write_or_check_config(output / trained.MODEL_CONFIG, cfg)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, output / trained.TOKENIZER)
+        tok = Tokenizer(tokenizer)
+        if tok.vocab_size > cfg.vocab_size:
+            raise ConfigError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+    else:
+        raise ConfigError(f"{init}: no tokenizer in the checkpoint folder; pass --tokenizer")
+    batches = data.Batches(data.tokenize_files(data_files, tok), tc.batch_size, tc.seq_len, tc.seed)
+
+    tx, lr = optimizer(tc), schedule(tc)
+    params = nnx.to_pure_dict(model.params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    with sh.rules_context(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    mngr = trained.manager(output, keep=tc.keep, save_every=tc.save_every)
+    start = mngr.latest_step() or 0
+    if start:
+        params, state = trained.restore(mngr, start, params, _train_state(opt_state, 0, 0))
+        opt_state, position = state["opt_state"], int(state["data_position"])
+    else:
+        position = 0
+    _truncate_metrics(output / trained.METRICS, start)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat=tc.remat)))
+    with sh.rules_context(mesh):
+        batch_sharding = jax.NamedSharding(mesh, sh.logical_spec((sh.BATCH, sh.LENGTH)))
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef, tx),
+        in_shardings=(param_shardings, opt_shardings, batch_sharding),
+        out_shardings=(param_shardings, opt_shardings, None),
+        donate_argnums=(0, 1),
+    )
+    logged: list[dict[str, float]] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    tick, tokens = time.perf_counter(), 0
+    with sh.rules_context(mesh), open(output / trained.METRICS, "a") as metrics_file:
+        for step in range(start + 1, tc.steps + 1):
+            batch = jax.device_put(batches.batch(position), batch_sharding)
+            params, opt_state, parts = step_fn(params, opt_state, batch)
+            position += 1
+            tokens += tc.batch_size * tc.seq_len
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                record = {"step": step, **{k: float(v) for k, v in parts.items()},
+                          "lr": float(lr(step - 1)), "tokens_per_s": tokens / (now - tick)}
+                tick, tokens = now, 0
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                logged.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record.get('aux_loss', 0.0):.3f}")
+            bar.update(1)
+            trained.save(mngr, step, params, _train_state(opt_state, step, position), force=step == tc.steps)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    return logged
+
+
+def evaluate(model: api.Mixtral, tokens: np.ndarray, seq_len: int, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over the consecutive windows of a token stream (each predicts seq_len)."""
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise ConfigError(f"evaluation needs more than {seq_len} tokens, got {len(tokens)}")
+    windows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+    pad = -n % batch_size
+    windows = np.concatenate([windows, np.full((pad, seq_len + 1), -1, np.int32)])
+    total = 0.0
+    with model.context():
+        for i in range(0, len(windows), batch_size):
+            batch = jnp.asarray(windows[i : i + batch_size])
+            total += float(_eval_loss(model.graphdef, model.params, batch)) * float(jnp.sum(batch[:, 1:] >= 0))
+    return total / (n * seq_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_loss(graphdef: nnx.GraphDef, params: Any, batch: jax.Array) -> jax.Array:
+    return loss_fn(params, graphdef, batch)[1]["loss"]
+
+
+def _train_state(opt_state: Any, step: int, position: int) -> dict[str, Any]:
+    return {"opt_state": opt_state, "step": np.int64(step), "data_position": np.int64(position)}
+
+
+def _check_batch(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    if tc.steps < 1 or tc.batch_size < 1 or tc.seq_len < 1:
+        raise ConfigError("steps, batch size and sequence length must be positive")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tc.batch_size % shards:
+        raise ConfigError(f"batch size {tc.batch_size} is not divisible by data x fsdp = {shards}")
+
+
+def tokenizer_file(folder: Path) -> Path | None:
+    """The SentencePiece model stored in a checkpoint or training folder, if any."""
+    for name in (trained.TOKENIZER, *TOKENIZER_FILES):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _write_or_check_config(path: Path, cfg: ModelConfig) -> None:
+    if path.is_file():
+        if ModelConfig.load(path) != cfg:
+            raise ConfigError(f"{path.parent} holds a run of a different model; choose another output folder")
+        return
+    tmp = path.with_suffix(".tmp")
+    cfg.save(tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the restored step (logged after the last checkpoint of an interrupted run)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,203 @@
+"""Conversion faults: every bad input is one line on stderr and a non-zero exit; a pickle never runs code;
+an interrupted or killed conversion leaves nothing that loads, and a rerun succeeds."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import mixtral_jax
+from mixtral_jax import checkpoint
+from mixtral_jax.cli import main
+from mixtral_jax.convert.writer import convert
+from mixtral_jax.errors import CheckpointError, MixtralError
+from tests import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sharded(hf_mixtral, tmp_path_factory):
+    return reference.write_hf_shards(hf_mixtral, tmp_path_factory.mktemp("sharded") / "hf", 3)
+
+
+@pytest.fixture
+def broken(sharded, tmp_path):
+    """A private copy of the 3-shard checkpoint to damage."""
+    return Path(shutil.copytree(sharded, tmp_path / "hf"))
+
+
+def _fails(argv, capsys) -> str:
+    """Run the CLI, expect exit 1 with one line on stderr and nothing on stdout; return that line."""
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("mixtral-jax convert: error: "), err
+    return err
+
+
+def _convert_fails(source, tmp_path, capsys) -> str:
+    msg = _fails(["convert", str(source), str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    return msg
+
+
+def _shard(folder: Path, i: int) -> Path:
+    return sorted(folder.glob("model-*.safetensors"))[i]
+
+
+def test_truncated_safetensors_names_the_file(broken, tmp_path, capsys):
+    shard = _shard(broken, 1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    msg = _convert_fails(broken, tmp_path, capsys)
+    assert shard.name in msg and "truncated" in msg
+
+
+def test_unreadable_safetensors_header(broken, tmp_path, capsys):
+    shard = _shard(broken, 0)
+    shard.write_bytes((40).to_bytes(8, "little") + b"\xff" * 40 + shard.read_bytes()[48:])
+    assert "not a safetensors file" in _convert_fails(broken, tmp_path, capsys)
+
+
+def test_missing_tensor_is_named(broken, tmp_path, capsys):
+    shard = _shard(broken, 2)
+    tensors = load_file(shard)
+    gone = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != gone}, shard)
+    msg = _convert_fails(broken, tmp_path, capsys)
+    assert f"tensor {gone} is missing" in msg
+
+
+def test_extra_tensor_is_named(broken, tmp_path, capsys):
+    shard = _shard(broken, 0)
+    save_file({**load_file(shard), "model.layers.0.mystery.weight": np.zeros(3, np.float32)}, shard)
+    msg = _convert_fails(broken, tmp_path, capsys)
+    assert "unexpected tensor model.layers.0.mystery.weight" in msg and shard.name in msg
+
+
+def test_config_that_disagrees_with_weights(broken, tmp_path, capsys):
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    msg = _convert_fails(broken, tmp_path, capsys)
+    assert "has shape [96, 64], the config implies [128, 64]" in msg
+
+
+@pytest.mark.parametrize("content", ["empty", "unknown", "absent"])
+def test_empty_unknown_or_absent_source(content, tmp_path, capsys):
+    source = tmp_path / "src"
+    if content != "absent":
+        source.mkdir()
+    if content == "unknown":
+        (source / "weights.bin").write_bytes(b"\0" * 16)
+    msg = _convert_fails(source, tmp_path, capsys)
+    assert ("no such file" if content == "absent" else "not a checkpoint folder") in msg
+
+
+def test_existing_output_is_refused_without_force(hf_mixtral, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = _fails(["convert", str(hf_mixtral), str(out)], capsys)
+    assert "already exists" in msg and (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_or_inconsistent_checkpoint_on_load(hf_mixtral, tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        mixtral_jax.load(tmp_path / "nowhere")
+    out = convert(hf_mixtral, tmp_path / "model", progress=False)
+    cfg = json.loads((out / checkpoint.CONFIG_FILE).read_text())
+    (out / checkpoint.CONFIG_FILE).write_text(json.dumps({**cfg, "ffn_dim": 128}))
+    with pytest.raises(CheckpointError, match=r"parameter layers.ffn.w1 has shape \[2, 4, 64, 96\]"):
+        mixtral_jax.load(out)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pth_whose_pickle_would_run_code_is_refused(hf_mixtral, tmp_path, capsys):
+    source = reference.write_mistral_pth(hf_mixtral, tmp_path / "src")
+    marker = tmp_path / "code_ran"
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "payload": _RunsCode(marker)},
+               source / "consolidated.00.pth")
+    msg = _convert_fails(source, tmp_path, capsys)
+    assert "refused" in msg and "consolidated.00.pth" in msg
+    assert not marker.exists()
+
+
+def test_pth_without_torch_says_so(hf_mixtral, tmp_path, capsys, monkeypatch):
+    source = reference.write_mistral_pth(hf_mixtral, tmp_path / "src")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert "needs torch" in _convert_fails(source, tmp_path, capsys)
+
+
+def test_megablocks_rows_not_divisible_by_experts(hf_mixtral, tmp_path, capsys):
+    source = reference.write_megablocks_pt(hf_mixtral, tmp_path / "src")
+    part = torch.load(source / "consolidated.00.pt", weights_only=True)
+    part["layers.0.block_sparse_moe.w1"] = part["layers.0.block_sparse_moe.w1"][:-1]
+    torch.save(part, source / "consolidated.00.pt")
+    msg = _convert_fails(source, tmp_path, capsys)
+    assert "layers.0.block_sparse_moe.w1 has 383 rows" in msg
+
+
+def test_failure_mid_write_leaves_nothing(hf_mixtral, tmp_path, monkeypatch):
+    write, calls = checkpoint.ArrayWriter.write, []
+
+    def failing(self, *args):
+        calls.append(args[0])
+        if len(calls) == 5:
+            raise MixtralError("disk full")
+        write(self, *args)
+
+    monkeypatch.setattr(checkpoint.ArrayWriter, "write", failing)
+    with pytest.raises(MixtralError, match="disk full"):
+        convert(hf_mixtral, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_leaves_no_checkpoint_and_rerun_succeeds(tmp_path):
+    from benchmarks.convert_bench import write_synthetic_hf
+
+    write_synthetic_hf(tmp_path / "hf", layers=1, shards=2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "convert", str(tmp_path / "hf"), str(out)],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".out.partial-{proc.pid}"
+    deadline = time.time() + 120
+    while not list(staging.glob(f"{checkpoint.PARAMS_DIR}/*/0.*")) and time.time() < deadline:
+        assert proc.poll() is None, "conversion ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert staging.is_dir() and not out.exists()
+    assert not any(checkpoint.is_checkpoint(p) for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError):
+        mixtral_jax.load(staging)
+    convert(tmp_path / "hf", out, progress=False)
+    assert checkpoint.is_checkpoint(out) and not staging.exists()
+    assert mixtral_jax.load(out).config.n_layers == 1
+
+
+def test_damaged_or_incomplete_checkpoint_on_load(hf_mixtral, tmp_path):
+    out = convert(hf_mixtral, tmp_path / "model", progress=False)
+    (out / checkpoint.PARAMS_DIR / "layers.ffn.w1" / "0.1.0.0").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint .*layers.ffn.w1/0.1.0.0"):
+        mixtral_jax.load(out)
+    shutil.rmtree(out / checkpoint.PARAMS_DIR / "lm_head")
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        mixtral_jax.load(out)

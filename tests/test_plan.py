@@ -1,0 +1,47 @@
+"""`plan`: per-device memory from programs compiled for a mesh of placeholder devices."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mixtral_jax import plan
+
+
+def plan_json(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "mixtral_jax", "plan", *args, "--json"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("config,mesh,devices", [("mixtral-8x7b", "expert=8", 8),
+                                                 ("mixtral-8x22b", "expert=8,tensor=4", 32)])
+def test_weights_per_device_are_total_over_devices(config, mesh, devices):
+    out = plan_json("--config", config, "--mesh", mesh, "--batch", "1", "--max-len", "4096",
+                    "--dtype", "bfloat16", "--hbm-gb", "1000")
+    per_device = out["per_device"]
+    ideal = out["param_count"] * 2 / devices
+    assert out["devices"] == devices
+    assert abs(per_device["params_bytes"] / ideal - 1) < 0.01
+    assert per_device["total_bytes"] > per_device["params_bytes"] + per_device["cache_bytes"]
+    assert out["fits"] is True
+
+
+def test_cache_bytes_follow_batch_and_length_and_tensor_split():
+    # tiny: 2 layers, 2 KV heads of 16, float32: k and v = 2 * 2 * B * S * 2 * 16 * 4 bytes (+ positions)
+    one = plan.plan("tiny", "tensor=2", batch=2, max_len=64, dtype="float32")
+    assert one.cache_bytes == 2 * 2 * 2 * 64 * 1 * 16 * 4 + 2 * 64 * 4
+    assert one.params_bytes == pytest.approx(one.param_count * 4 / 2, rel=0.01)
+    assert not one.fits(one.total_bytes / plan.GIB * 0.99) and one.fits(one.total_bytes / plan.GIB)
+
+
+def test_unknown_chip_and_indivisible_mesh_are_config_errors():
+    from mixtral_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown chip"):
+        plan.hbm_of("tpu-v9")
+    with pytest.raises(ConfigError, match="does not divide dimension 2 of layers.attn.wk"):
+        plan.plan("tiny", "tensor=4", max_len=64)
