@@ -1,11 +1,11 @@
 """Conversion throughput and peak memory: a synthetic float32 Hugging Face checkpoint -> bfloat16 model folder.
 
-    python benchmarks/convert_bench.py [--layers 4] [--shards 5] [--keep]
+    python benchmarks/convert_bench.py [--layers 4] [--shards 5] [--dir SCRATCH]
 
 Writes a random-weight Mixtral-shaped checkpoint (hidden 1024, FFN 3584, 8 experts, vocab 32000; 4 layers
-are 1.7 GB in float32) in `--shards` safetensors files, converts it in a fresh process with
-the converter's `--dtype bfloat16` path, and reports GB/s (source bytes per second, with and without the
-start-up's imports) and the process's peak resident memory against the checkpoint's size.
+are 1.7 GB in float32) in `--shards` safetensors files, converts it in a fresh process through the command's entry point
+(`mixtral-jax convert SOURCE OUTPUT --dtype bfloat16`), and reports GB/s (source bytes per second, with and
+without the start-up's imports) and the process's peak resident memory against the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -44,10 +45,11 @@ def hf_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes | {"model.norm.weight": (d,), "lm_head.weight": (v, d)}
 
 
-def write_synthetic_hf(folder: Path, layers: int, shards: int, seed: int = 0) -> int:
-    """A random float32 checkpoint in `shards` safetensors files plus index; returns its size in bytes."""
+def write_synthetic_hf(folder: Path, layers: int, shards: int, seed: int = 0, **shape: int) -> int:
+    """A random float32 checkpoint in `shards` safetensors files plus index (`shape` overrides `SHAPE`);
+    returns its size in bytes."""
     cfg = {"model_type": "mixtral", "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
-           "max_position_embeddings": 4096, "dtype": "float32", **SHAPE}
+           "max_position_embeddings": 4096, "dtype": "float32", **SHAPE, **shape}
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(cfg))
     shapes = hf_tensor_shapes(cfg)
@@ -69,22 +71,29 @@ def write_synthetic_hf(folder: Path, layers: int, shards: int, seed: int = 0) ->
 CHILD = """
 import re, sys, time
 start = time.perf_counter()
-from mixtral_jax.convert.writer import convert
-ready = time.perf_counter()
+from mixtral_jax.cli import main
+from mixtral_jax.convert import writer  # imported by the command; here, to time start-up apart
+ready, cpu = time.perf_counter(), time.process_time()
 if sys.argv[1] != "-":
-    convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=False)
+    main(["convert", sys.argv[1], sys.argv[2], "--dtype", sys.argv[3]])
 peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
-print(ready - start, time.perf_counter() - ready, peak)
+print(ready - start, time.perf_counter() - ready, time.process_time() - cpu, peak)
 """
 
 
-def convert_in_subprocess(source: Path | str, output: Path | str = "", dtype: str = "bfloat16") -> tuple[float, float, int]:
-    """(import seconds, conversion seconds, peak RSS bytes) of a fresh process converting `source`
-    (`"-"`: importing only). The peak is the child's own VmHWM, which ru_maxrss would mix with the parent's."""
+class Run(NamedTuple):
+    start: float  # seconds importing
+    seconds: float  # seconds converting (wall clock)
+    cpu: float  # CPU seconds converting, all threads
+    peak: int  # peak resident bytes (the child's own VmHWM; ru_maxrss would mix in the parent's)
+
+
+def convert_in_subprocess(source: Path | str, output: Path | str = "", dtype: str = "bfloat16") -> Run:
+    """A fresh process converting `source` (`"-"`: importing only), measured."""
     out = subprocess.run([sys.executable, "-c", CHILD, str(source), str(output), dtype], check=True,
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    start, seconds, peak = out.stdout.split()
-    return float(start), float(seconds), int(peak)
+    start, seconds, cpu, peak = out.stdout.splitlines()[-1].split()
+    return Run(float(start), float(seconds), float(cpu), int(peak))
 
 
 def main() -> None:
@@ -96,13 +105,14 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(dir=args.dir, prefix="convert_bench_"))
     try:
         size = write_synthetic_hf(scratch / "hf", args.layers, args.shards)
-        _, _, base = convert_in_subprocess("-")
-        start, seconds, peak = convert_in_subprocess(scratch / "hf", scratch / "out")
+        base = convert_in_subprocess("-").peak
+        run = convert_in_subprocess(scratch / "hf", scratch / "out")
         stored = sum(p.stat().st_size for p in (scratch / "out").rglob("*") if p.is_file())
         print(f"checkpoint      {size / 1e9:.2f} GB float32 in {args.shards} shards ({args.layers} layers)")
-        print(f"converted in    {seconds:.1f} s  ->  {size / seconds / 1e9:.2f} GB/s of source "
-              f"(+{start:.1f} s start-up: {size / (start + seconds) / 1e9:.2f} GB/s end to end)")
-        print(f"peak RSS        {peak / 1e9:.2f} GB  =  {peak / size:.0%} of the checkpoint "
+        print(f"converted in    {run.seconds:.1f} s  ->  {size / run.seconds / 1e9:.2f} GB/s of source "
+              f"(+{run.start:.1f} s start-up: {size / (run.start + run.seconds) / 1e9:.2f} GB/s end to end)")
+        print(f"CPU time        {run.cpu:.1f} s  ->  {size / run.cpu / 1e9:.2f} GB of source per CPU-second")
+        print(f"peak RSS        {run.peak / 1e9:.2f} GB  =  {run.peak / size:.0%} of the checkpoint "
               f"({base / 1e9:.2f} GB of it is the imported libraries)")
         print(f"output          {stored / 1e9:.2f} GB bfloat16 (zstd)")
     finally:

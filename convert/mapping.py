@@ -8,6 +8,7 @@ into one slice of the target in einsum layout.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -141,6 +142,12 @@ class Alias:
     name: str
     split_experts: bool = False
     transposed: bool = False
+
+    def stored_name(self, name: str) -> str | None:
+        """The stored tensor that presents `name`, if this alias covers it."""
+        pattern = re.escape(self.name).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"\d+")
+        match = re.fullmatch(pattern, name)
+        return self.stored.format(layer=match["layer"]) if match else None
 
 
 # The Hub's original `consolidated.NN.pt` release of Mixtral, under Mistral's per-expert names.

@@ -44,11 +44,12 @@ class Source:
     """Tensors by name across a folder's files, with the config and naming scheme they follow."""
 
     path: Path
-    kind: str
-    naming: str
+    naming: str  # `hf` or `mistral`: which mapping rules apply
     config: ModelConfig
     files: dict[str, TensorFile]
     tokenizer: Path | None
+    index: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> file, from an index
+    aliases: tuple[mapping.Alias, ...] = ()  # other stored forms of the tensors, for messages
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -82,7 +83,9 @@ class Source:
             for name in mapping.source_names(rule, cfg):
                 expected.add(name)
                 if name not in self.files:
-                    raise CheckpointError(f"{self.path}: tensor {name} is missing")
+                    stored = next(filter(None, (a.stored_name(name) for a in self.aliases)), None)
+                    also = f" (looked for {stored} too)" if stored else ""
+                    raise CheckpointError(f"{self._home(name)}: tensor {name} is missing{also}")
                 want = expected_shape(rule, cfg)
                 if self.shape(name) != want:
                     raise CheckpointError(
@@ -92,6 +95,13 @@ class Source:
         extra = sorted(n for n in set(self.files) - expected if not n.endswith(IGNORED_SUFFIXES))
         if extra:
             raise CheckpointError(f"{self.file_of(extra[0])}: unexpected tensor {self.label(extra[0])}")
+
+    def _home(self, name: str) -> Path:
+        """Where a tensor belongs: the file the index names, the only file, or else the folder."""
+        if name in self.index:
+            return self.path / self.index[name]
+        paths = {f.path for f in self.files.values()}
+        return paths.pop() if len(paths) == 1 else self.path
 
 
 def expected_shape(rule: mapping.Rule, cfg: ModelConfig) -> tuple[int, ...]:
@@ -118,15 +128,15 @@ def open_source(path: str | Path) -> Source:
     tokenizer = next((path / n for n in TOKENIZER_FILES if (path / n).is_file()), None)
     if (path / "config.json").is_file():
         cfg = config_lib.from_hf_config(_read_json(path / "config.json"))
-        files = _hf_files(path)
-        return Source(path, "hf", "hf", cfg, _index(files), tokenizer)
+        paths, index = _hf_files(path)
+        files = _index(paths)
+        return Source(path, "hf", cfg.with_dtype(_stored_dtype(files, "hf")), files, tokenizer, index)
     if (path / "params.json").is_file():
         cfg = config_lib.from_params_json(_read_json(path / "params.json"))
         files = _mistral_files(path, cfg)
-        first = next(iter(files), None)
-        if first is not None:
-            cfg = cfg.with_dtype(_dtype_name(files[first].dtype(first)))
-        return Source(path, "mistral", "mistral", cfg, files, tokenizer)
+        aliases = mapping.MEGABLOCKS_ALIASES if any(isinstance(f, Aliased) for f in files.values()) else ()
+        cfg = cfg.with_dtype(_stored_dtype(files, "mistral"))
+        return Source(path, "mistral", cfg, files, tokenizer, aliases=aliases)
     raise CheckpointError(f"{path}: not a checkpoint folder (no config.json or params.json)")
 
 
@@ -137,18 +147,20 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def _hf_files(path: Path) -> list[Path]:
+def _hf_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The safetensors files, and the file the index names for each tensor (none without an index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shard {missing[0]} named in the index is missing")
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
+        return [path / n for n in names], weight_map
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated"))  # Mistral's copy
     if not files:
         raise CheckpointError(f"{path}: config.json but no .safetensors files")
-    return files
+    return files, {}
 
 
 def _mistral_files(path: Path, cfg: ModelConfig) -> dict[str, TensorFile]:
@@ -219,8 +231,11 @@ class Aliased:
         if name not in self._views:
             return self.file.read(name, rows)
         stored, stored_rows, transposed = self._views[name]
-        w = self.file.read(stored, stored_rows)
-        return w.T[rows] if transposed else w[rows]
+        if transposed:  # the presented rows are stored columns: read the expert whole
+            return self.file.read(stored, stored_rows).T[rows]
+        start, stop, _ = stored_rows.indices(self.file.shape(stored)[0])
+        lo, hi, _ = rows.indices(stop - start)
+        return self.file.read(stored, slice(start + lo, start + hi))
 
 
 def _index(paths: list[Path], reader: Callable[[Path], TensorFile] = SafetensorsFile) -> dict[str, TensorFile]:
@@ -234,5 +249,9 @@ def _index(paths: list[Path], reader: Callable[[Path], TensorFile] = Safetensors
     return files
 
 
-def _dtype_name(dtype: np.dtype) -> str:
-    return {"float32": "float32", "float16": "float16"}.get(np.dtype(dtype).name, "bfloat16")
+def _stored_dtype(files: dict[str, TensorFile], naming: str) -> str | None:
+    """The dtype the weights are stored in (the embedding's), whatever a config file says; None if absent."""
+    name = next(rule.source for rule in mapping.NAMING[naming][0] if rule.target == "embedder")
+    if name not in files:
+        return None
+    return {"float32": "float32", "float16": "float16"}.get(np.dtype(files[name].dtype(name)).name, "bfloat16")

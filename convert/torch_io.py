@@ -64,6 +64,7 @@ class TorchFile:
     def _numpy(t) -> np.ndarray:
         import torch
 
+        t = t.detach()  # a saved nn.Parameter comes back requiring grad
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()

@@ -17,6 +17,8 @@ reads only the chunks under its devices' shards.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import json
 import os
 import shutil
@@ -59,7 +61,7 @@ def staging(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         raise CheckpointError(f"{output}: already exists (pass --force to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{output.name}{_STAGING}"
-    for stale in output.parent.glob(prefix + "*"):
+    for stale in output.parent.glob(glob.escape(prefix) + "*"):
         pid = stale.name[len(prefix):]
         if not pid.isdigit() or not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
@@ -68,16 +70,15 @@ def staging(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if output.exists():
+        if not output.exists():
+            tmp.rename(output)
+        elif _exchange(tmp, output):  # tmp now holds the old output
+            _remove(tmp)
+        else:  # no atomic exchange here: the old output is moved aside for two renames' time
             old = output.parent / f"{prefix}{os.getpid()}-old"
             output.rename(old)
             tmp.rename(output)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            tmp.rename(output)
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,6 +235,25 @@ def _get(tree: Any, keys: tuple) -> Any:
             return None
         tree = tree[k.key]
     return tree
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _alive(pid: int) -> bool:

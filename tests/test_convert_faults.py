@@ -36,16 +36,18 @@ def broken(sharded, tmp_path):
     return Path(shutil.copytree(sharded, tmp_path / "hf"))
 
 
-def _fails(argv, capsys) -> str:
-    """Run the CLI, expect exit 1 with one line on stderr and nothing on stdout; return that line."""
+def _fails(argv, capfd) -> str:
+    """Run the CLI, expect exit 1 with one line on stderr (file descriptor level, so library output would
+    show) and nothing on stdout; return that line."""
     assert main(argv) == 1
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("mixtral-jax convert: error: "), err
+    assert "Traceback" not in err
     return err
 
 
-def _convert_fails(source, tmp_path, capsys) -> str:
-    msg = _fails(["convert", str(source), str(tmp_path / "out")], capsys)
+def _convert_fails(source, tmp_path, capfd) -> str:
+    msg = _fails(["convert", str(source), str(tmp_path / "out")], capfd)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
     return msg
 
@@ -54,59 +56,67 @@ def _shard(folder: Path, i: int) -> Path:
     return sorted(folder.glob("model-*.safetensors"))[i]
 
 
-def test_truncated_safetensors_names_the_file(broken, tmp_path, capsys):
+def test_truncated_safetensors_names_the_file(broken, tmp_path, capfd):
     shard = _shard(broken, 1)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    msg = _convert_fails(broken, tmp_path, capsys)
+    msg = _convert_fails(broken, tmp_path, capfd)
     assert shard.name in msg and "truncated" in msg
 
 
-def test_unreadable_safetensors_header(broken, tmp_path, capsys):
+def test_unreadable_safetensors_header(broken, tmp_path, capfd):
     shard = _shard(broken, 0)
     shard.write_bytes((40).to_bytes(8, "little") + b"\xff" * 40 + shard.read_bytes()[48:])
-    assert "not a safetensors file" in _convert_fails(broken, tmp_path, capsys)
+    assert "not a safetensors file" in _convert_fails(broken, tmp_path, capfd)
 
 
-def test_missing_tensor_is_named(broken, tmp_path, capsys):
+def test_missing_tensor_is_named(broken, tmp_path, capfd):
     shard = _shard(broken, 2)
     tensors = load_file(shard)
     gone = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != gone}, shard)
-    msg = _convert_fails(broken, tmp_path, capsys)
-    assert f"tensor {gone} is missing" in msg
+    msg = _convert_fails(broken, tmp_path, capfd)
+    assert f"{shard.name}: tensor {gone} is missing" in msg  # the file the index names
 
 
-def test_extra_tensor_is_named(broken, tmp_path, capsys):
+def test_missing_tensor_of_a_single_file_source_names_that_file(hf_mixtral, tmp_path, capfd):
+    source = reference.write_mistral_safetensors(hf_mixtral, tmp_path / "src")
+    tensors = load_file(source / "consolidated.safetensors")
+    del tensors["norm.weight"]
+    save_file(tensors, source / "consolidated.safetensors")
+    assert "consolidated.safetensors: tensor norm.weight is missing" in _convert_fails(source, tmp_path, capfd)
+
+
+def test_extra_tensor_is_named(broken, tmp_path, capfd):
     shard = _shard(broken, 0)
     save_file({**load_file(shard), "model.layers.0.mystery.weight": np.zeros(3, np.float32)}, shard)
-    msg = _convert_fails(broken, tmp_path, capsys)
+    msg = _convert_fails(broken, tmp_path, capfd)
     assert "unexpected tensor model.layers.0.mystery.weight" in msg and shard.name in msg
 
 
-def test_config_that_disagrees_with_weights(broken, tmp_path, capsys):
+def test_config_that_disagrees_with_weights(broken, tmp_path, capfd):
     cfg = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-    msg = _convert_fails(broken, tmp_path, capsys)
+    msg = _convert_fails(broken, tmp_path, capfd)
     assert "has shape [96, 64], the config implies [128, 64]" in msg
 
 
 @pytest.mark.parametrize("content", ["empty", "unknown", "absent"])
-def test_empty_unknown_or_absent_source(content, tmp_path, capsys):
+def test_empty_unknown_or_absent_source(content, tmp_path, capfd):
     source = tmp_path / "src"
     if content != "absent":
         source.mkdir()
     if content == "unknown":
         (source / "weights.bin").write_bytes(b"\0" * 16)
-    msg = _convert_fails(source, tmp_path, capsys)
+    msg = _convert_fails(source, tmp_path, capfd)
     assert ("no such file" if content == "absent" else "not a checkpoint folder") in msg
 
 
-def test_existing_output_is_refused_without_force(hf_mixtral, tmp_path, capsys):
+def test_existing_output_is_refused_without_force(hf_mixtral, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    msg = _fails(["convert", str(hf_mixtral), str(out)], capsys)
+    msg = _fails(["convert", str(hf_mixtral), str(out)], capfd)
     assert "already exists" in msg and (out / "keep.txt").read_text() == "mine"
 
 
@@ -128,29 +138,38 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_pth_whose_pickle_would_run_code_is_refused(hf_mixtral, tmp_path, capsys):
+def test_pth_whose_pickle_would_run_code_is_refused(hf_mixtral, tmp_path, capfd):
     source = reference.write_mistral_pth(hf_mixtral, tmp_path / "src")
     marker = tmp_path / "code_ran"
     torch.save({"tok_embeddings.weight": torch.zeros(2), "payload": _RunsCode(marker)},
                source / "consolidated.00.pth")
-    msg = _convert_fails(source, tmp_path, capsys)
+    msg = _convert_fails(source, tmp_path, capfd)
     assert "refused" in msg and "consolidated.00.pth" in msg
     assert not marker.exists()
 
 
-def test_pth_without_torch_says_so(hf_mixtral, tmp_path, capsys, monkeypatch):
+def test_pth_without_torch_says_so(hf_mixtral, tmp_path, capfd, monkeypatch):
     source = reference.write_mistral_pth(hf_mixtral, tmp_path / "src")
     monkeypatch.setitem(sys.modules, "torch", None)
-    assert "needs torch" in _convert_fails(source, tmp_path, capsys)
+    assert "needs torch" in _convert_fails(source, tmp_path, capfd)
 
 
-def test_megablocks_rows_not_divisible_by_experts(hf_mixtral, tmp_path, capsys):
+def test_megablocks_rows_not_divisible_by_experts(hf_mixtral, tmp_path, capfd):
     source = reference.write_megablocks_pt(hf_mixtral, tmp_path / "src")
     part = torch.load(source / "consolidated.00.pt", weights_only=True)
     part["layers.0.block_sparse_moe.w1"] = part["layers.0.block_sparse_moe.w1"][:-1]
     torch.save(part, source / "consolidated.00.pt")
-    msg = _convert_fails(source, tmp_path, capsys)
+    msg = _convert_fails(source, tmp_path, capfd)
     assert "layers.0.block_sparse_moe.w1 has 383 rows" in msg
+
+
+def test_missing_megablocks_tensor_names_its_stacked_form(hf_mixtral, tmp_path, capfd):
+    source = reference.write_megablocks_pt(hf_mixtral, tmp_path / "src")
+    part = torch.load(source / "consolidated.01.pt", weights_only=True)
+    del part["layers.1.block_sparse_moe.w2"]
+    torch.save(part, source / "consolidated.01.pt")
+    msg = _convert_fails(source, tmp_path, capfd)
+    assert "tensor layers.1.feed_forward.experts.0.w2.weight is missing (looked for layers.1.block_sparse_moe.w2" in msg
 
 
 def test_failure_mid_write_leaves_nothing(hf_mixtral, tmp_path, monkeypatch):
@@ -168,11 +187,27 @@ def test_failure_mid_write_leaves_nothing(hf_mixtral, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_forced_conversion_keeps_the_old_output(hf_mixtral, tmp_path, monkeypatch):
+    old = convert(hf_mixtral, tmp_path / "out", progress=False)
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+
+    def failing(self, *args):
+        raise MixtralError("disk full")
+
+    monkeypatch.setattr(checkpoint.ArrayWriter, "write", failing)
+    with pytest.raises(MixtralError, match="disk full"):
+        convert(hf_mixtral, old, dtype="bfloat16", force=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before
+    assert mixtral_jax.load(old).config.param_dtype == "float32"
+
+
 @pytest.mark.slow
 def test_sigkill_mid_write_leaves_no_checkpoint_and_rerun_succeeds(tmp_path):
     from benchmarks.convert_bench import write_synthetic_hf
 
-    write_synthetic_hf(tmp_path / "hf", layers=1, shards=2)
+    write_synthetic_hf(tmp_path / "hf", layers=1, shards=2, hidden_size=512, intermediate_size=2048,
+                       vocab_size=8000)  # 0.13 GB: a second or so of writing to interrupt
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "mixtral_jax", "convert", str(tmp_path / "hf"), str(out)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -193,6 +228,7 @@ def test_sigkill_mid_write_leaves_no_checkpoint_and_rerun_succeeds(tmp_path):
     assert mixtral_jax.load(out).config.n_layers == 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned reads
 def test_damaged_or_incomplete_checkpoint_on_load(hf_mixtral, tmp_path):
     out = convert(hf_mixtral, tmp_path / "model", progress=False)
     (out / checkpoint.PARAMS_DIR / "layers.ffn.w1" / "0.1.0.0").write_bytes(b"garbage")
