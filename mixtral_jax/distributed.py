@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from mixtral_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import jax
 
 _TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 
@@ -63,17 +69,8 @@ def _initialize(jax, **kwargs) -> None:
         raise ConfigError(f"could not join the multi-host job: {str(e).splitlines()[0]}") from None
 
 
-def is_main() -> bool:
-    """Whether this is process 0, the one that prints and writes files."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-def fetch(x) -> "np.ndarray":
+def fetch(x: jax.Array) -> np.ndarray:
     """The whole value of an array on every process, also one sharded over several hosts."""
-    import numpy as np
-
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils

@@ -1,11 +1,12 @@
 """A memory plan: compile prefill and decode ahead of time for a mesh and read XLA's memory analysis.
 
 Nothing is allocated: parameters, prompts and the decode state are `ShapeDtypeStruct`s placed on a mesh of
-placeholder devices (simulated CPU devices in a subprocess when this process has too few), and
+placeholder devices (simulated CPU devices in a subprocess), and
 `jax.jit(...).lower(...).compile().memory_analysis()` gives each device's bytes. Parameters and the KV cache
 are counted from their per-device shards; temporaries are XLA's for the larger of the two programs.
-The placeholder devices are CPUs, so temporaries follow the CPU compiler's choices (its float32 copy of
-one layer's bfloat16 weights included); the weights and cache are exact.
+The placeholder devices are CPUs: the MoE is compiled with the accelerator kernel (`ragged_dot`), and
+temporaries follow the CPU compiler's choices (its float32 copy of one layer's bfloat16 weights included);
+the weights and cache are exact.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -21,8 +23,8 @@ from typing import Any
 from mixtral_jax.errors import ConfigError
 
 GIB = 1024**3
-# HBM per chip (GiB) of common accelerators.
-CHIPS = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100": 80, "h100": 80, "h200": 141}
+# HBM per chip (GiB) of common accelerators; TPU names may also be given as tpu-v5e etc.
+CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h200": 141}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +70,11 @@ class MemoryPlan:
 
 
 def hbm_of(chip: str) -> float:
-    """HBM in GiB of a known chip name (`CHIPS`)."""
-    if chip.lower() not in CHIPS:
+    """HBM in GiB of a known chip name (`CHIPS`, e.g. v5e, tpu-v5e, h100)."""
+    name = chip.lower().removeprefix("tpu-")
+    if name not in CHIPS:
         raise ConfigError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)} (or give --hbm-gb)")
-    return CHIPS[chip.lower()]
+    return CHIPS[name]
 
 
 def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str = "bfloat16") -> MemoryPlan:
@@ -91,16 +94,24 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     args = json.dumps([config, mesh, batch, max_len, dtype])
     proc = subprocess.run([sys.executable, "-m", "mixtral_jax.plan", args], env=env, capture_output=True, text=True)
-    if proc.returncode:
-        lines = proc.stderr.strip().splitlines() or ["no output"]
-        raise ConfigError(lines[-1])
+    if proc.returncode:  # one line from a ConfigError; the exception line of anything else
+        lines = proc.stderr.strip().splitlines() or ["plan: the compiler process printed nothing"]
+        raise ConfigError(([line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)] or lines)[-1])
     return MemoryPlan(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _accelerator_moe() -> None:
+    """Compile the MoE as accelerators run it: on a CPU backend `moe.grouped` multiplies each expert's rows
+    in blocks instead of `ragged_dot`, and the per-expert weight copies of that loop would be counted as
+    temporaries (49 GiB for 8x7B on `expert=4`) that no accelerator program has."""
+    from mixtral_jax import moe
+
+    moe._blocked_ffn = moe._ragged_ffn
 
 
 def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str) -> MemoryPlan:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from mixtral_jax import api, generate
     from mixtral_jax import sharding as sh
@@ -154,6 +165,7 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 if __name__ == "__main__":
     from mixtral_jax.errors import MixtralError
 
+    _accelerator_moe()
     try:
         print(json.dumps(dataclasses.asdict(_plan_here(*json.loads(sys.argv[1])))))
     except MixtralError as e:

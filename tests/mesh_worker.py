@@ -1,12 +1,13 @@
-"""Run by tests in a subprocess with simulated CPU devices: the same model on several meshes.
+"""Run by tests in a subprocess with simulated CPU devices: the same model on one device and on meshes.
 
-Usage: python -m tests.mesh_worker [--checkpoint DIR] [--no-generate] [multi-host flags] SPEC...
-Prints one JSON line per mesh (the single device first, spec "", unless multi-host) with the log-probs of
-fixed prompts, greedy tokens from full forward passes, and the greedy tokens of `generate`.
+Usage: python -m tests.mesh_worker SPEC...
+Prints one JSON line per mesh (one device first, spec "") with the log-probs of fixed prompts and the
+greedy tokens of `generate` for a ragged batch, then one line per MoE strategy with the largest difference
+between its expert-parallel run on `expert=4,tensor=2` and the single-device reference dispatch.
 """
 
-import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -14,48 +15,48 @@ PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 40], [3, 4, 5]]
 NEW_TOKENS = 6
 
 
-def model_on(mesh, checkpoint):
+def main(specs: list[str]) -> None:
+    import jax
+
     import mixtral_jax
     from mixtral_jax import config
 
-    if checkpoint:
-        return mixtral_jax.load(checkpoint, mesh=mesh)
     cfg = config.preset("tiny").replace(vocab_size=128, dtype="float32", param_dtype="float32")
-    return mixtral_jax.init_random(cfg, seed=0, mesh=mesh)
+    ids = np.array([PROMPTS[0], PROMPTS[0][::-1]])
+    for spec in ["", *specs]:
+        model = mixtral_jax.init_random(cfg, seed=0, mesh=spec or None)
+        result = {"mesh": spec, "devices": model.mesh.devices.size,
+                  "logprobs": np.asarray(jax.nn.log_softmax(model.logits(ids))).tolist(),
+                  "tokens": model.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)}
+        print(json.dumps(result), flush=True)
+    for impl, err in expert_parallel_errors("expert=4,tensor=2").items():
+        print(json.dumps({"strategy": impl, "max_abs_err": err}), flush=True)
 
 
-def greedy_without_cache(model, prompt, n):
-    """The oracle for `generate`: argmax of a full forward pass, one token at a time."""
-    from mixtral_jax.distributed import fetch
+def expert_parallel_errors(spec: str) -> dict[str, float]:
+    """Each strategy run by `expert_parallel.dispatch` on `spec` against `moe.reference` on one device, on
+    few tokens (so that `decode`, which gathers experts, sees the sentinel id of experts held elsewhere)."""
+    import functools
 
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(fetch(model.logits(np.array([ids])))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def main() -> None:
-    from mixtral_jax import distributed
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--no-generate", action="store_true")
-    parser.add_argument("specs", nargs="*")
-    distributed.add_distributed_args(parser)
-    args = parser.parse_args()
-    distributed.from_args(args)
     import jax
 
-    ids = np.array([PROMPTS[0], PROMPTS[0][::-1]])
-    for spec in ([] if jax.process_count() > 1 else [""]) + args.specs:
-        model = model_on(spec or None, args.checkpoint)
-        logprobs = distributed.fetch(jax.nn.log_softmax(model.logits(ids)))
-        result = {"mesh": spec, "devices": model.mesh.devices.size, "process": jax.process_index(),
-                  "logprobs": logprobs.tolist(), "greedy": [greedy_without_cache(model, p, 3) for p in PROMPTS]}
-        if not args.no_generate:
-            result["tokens"] = model.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)
-        print(json.dumps(result), flush=True)
+    from mixtral_jax import expert_parallel, moe
+    from mixtral_jax import sharding as sh
+
+    t, d, e, f, k = 3, 16, 8, 32, 2
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (t, d))
+    weights, experts = moe.route(jax.random.normal(keys[1], (t, e)), k)
+    w1, w3 = (jax.random.normal(key, (e, d, f)) / d**0.5 for key in keys[2:4])
+    w2 = jax.random.normal(keys[4], (e, f, d)) / f**0.5
+    expected = moe.reference(x, weights, experts, w1, w3, w2)
+    errors = {}
+    with sh.rules_context(sh.make_mesh(spec)):
+        for impl in ("reference", "grouped", "decode"):
+            run = jax.jit(functools.partial(expert_parallel.dispatch, functools.partial(moe.choose, impl)))
+            errors[impl] = float(abs(run(x, weights, experts, w1, w3, w2) - expected).max())
+    return errors
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

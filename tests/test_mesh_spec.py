@@ -1,5 +1,6 @@
 """The mesh spec `axis=size,...`: every valid spec parses to its sizes, anything else is a ConfigError."""
 
+import os
 import subprocess
 import sys
 
@@ -53,8 +54,13 @@ def test_mesh_that_does_not_match_device_count_is_config_error():
         sharding.make_mesh("data=2")
 
 
-def test_cli_bad_mesh_is_one_line_and_nonzero_exit():
-    proc = subprocess.run([sys.executable, "-m", "mixtral_jax", "plan", "--config", "tiny", "--mesh", "expert=8x"],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--config", "tiny", "--mesh", "expert=8x"], "bad mesh spec"),
+    (["generate", "--ids", "1,2", "--max-new-tokens", "1", "--mesh", "data=2"], "has 2 devices but 1 are present"),
+])
+def test_cli_bad_mesh_is_one_line_and_nonzero_exit(argv, message):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "mixtral_jax", *argv], capture_output=True, text=True, env=env)
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and "bad mesh spec" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("mixtral-jax: note:")]
+    assert len(lines) == 1 and message in lines[0]

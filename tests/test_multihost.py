@@ -1,4 +1,5 @@
-"""Two processes of 4 simulated CPU devices each, joined over 127.0.0.1, run one model on one mesh."""
+"""Two processes of 4 simulated CPU devices each, joined over 127.0.0.1: one `generate` command, and
+checkpoint reads split between the hosts."""
 
 import json
 import os
@@ -7,45 +8,78 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.test_multidevice import run_worker
-
 ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["1,5,7,9,11,13,2,40", "3,4,5"]
 
 
-def free_port() -> int:
+def cpu_env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def two_processes(command) -> list[list[dict]]:
+    """Run `command(coordinator, process_id)` as processes 0 and 1 of 4 CPU devices each; their JSON lines."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.multidevice
-def test_two_processes_on_data2_expert4_give_single_device_results(hf_mixtral):
-    single = run_worker("--checkpoint", str(hf_mixtral), "--no-generate", devices=1)[0]
-    port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.mesh_worker", "--checkpoint", str(hf_mixtral), "--no-generate",
-             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-             "--print-all-processes", "data=2,expert=4"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(command(coordinator, i), cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = []
     try:
         for proc in procs:
             out, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-3000:]
-            outputs.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+            outputs.append(json_lines(out))
     finally:
         for proc in procs:
             proc.kill()
+    return outputs
+
+
+def generate_command(checkpoint: Path, *flags: str) -> list[str]:
+    ids = [arg for prompt in PROMPTS for arg in ("--ids", prompt)]
+    return [sys.executable, "-m", "mixtral_jax", "generate", "--checkpoint", str(checkpoint), *ids,
+            "--temperature", "0", "--max-new-tokens", "6", "--json", *flags]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_processes_on_data2_expert4_both_print_single_device_tokens(hf_mixtral):
+    single = subprocess.run(generate_command(hf_mixtral), env=cpu_env(1), capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = [line["ids"] for line in json_lines(single.stdout)]
+    assert len(expected) == 2 and all(len(ids) > 0 for ids in expected)
+
+    outputs = two_processes(lambda coordinator, i: generate_command(
+        hf_mixtral, "--mesh", "data=2,expert=4", "--coordinator-address", coordinator, "--num-processes", "2",
+        "--process-id", str(i), "--print-all-processes"))
+    assert [[line["ids"] for line in out] for out in outputs] == [expected, expected]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_each_host_reads_only_its_half_of_the_checkpoint(hf_mixtral):
+    # expert=4,tensor=2 over 2 hosts: each host's devices hold 2 of the 4 experts and half of every other
+    # weight's rows (norms, replicated, are a fraction of a percent).
+    outputs = two_processes(lambda coordinator, i: [
+        sys.executable, "-m", "tests.shard_reads_worker", str(hf_mixtral), "expert=4,tensor=2", coordinator, "2",
+        str(i)])
     for i, (result,) in enumerate(outputs):
-        assert (result["process"], result["devices"]) == (i, 8)
-        np.testing.assert_allclose(result["logprobs"], single["logprobs"], atol=1e-5, rtol=0)
-        assert result["greedy"] == single["greedy"]
+        assert result["process"] == i
+        assert result["read_bytes"] / result["model_bytes"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("flags,message", [(("127.0.0.1:1", None, None), "needs all of"),
+                                           (("127.0.0.1:1", 2, 2), r"--process-id must be in \[0, 2\)")])
+def test_incomplete_or_inconsistent_multihost_flags_are_config_errors(flags, message):
+    from mixtral_jax import distributed
+    from mixtral_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        distributed.initialize(*flags)

@@ -19,9 +19,9 @@ case "$SOURCE" in
     ;;
   hf:*)
     REPO="${SOURCE#hf:}"
-    on_all_workers "mkdir -p '$PARENT' && python3 -m pip install -q 'huggingface_hub[cli]' && \
-      HF_TOKEN='${HF_TOKEN:-}' huggingface-cli download '$REPO' --local-dir '$PARENT/source' \
-        --include '*.json' '*.safetensors' 'tokenizer.model' && \
+    on_all_workers "mkdir -p '$PARENT' && python3 -m pip install -q huggingface_hub && export PATH=\"\$HOME/.local/bin:\$PATH\" && \
+      HF_TOKEN='${HF_TOKEN:-}' hf download '$REPO' --local-dir '$PARENT/source' \
+        --include '*.json' --include '*.safetensors' --include tokenizer.model && \
       python3 -m mixtral_jax convert '$PARENT/source' '$MODEL_DIR' --dtype bfloat16 && rm -rf '$PARENT/source'"
     ;;
   *)

@@ -8,4 +8,4 @@ ARGS=""
 for arg in "$@"; do
   ARGS+=" $(printf '%q' "$arg")"
 done
-on_all_workers "python3 -m mixtral_jax generate '$MODEL_DIR'$ARGS"
+on_all_workers "python3 -m mixtral_jax generate --checkpoint '$MODEL_DIR'$ARGS"
