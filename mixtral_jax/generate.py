@@ -3,11 +3,11 @@
 Legend: B batch, T padded prompt length, C prefill chunk, S cache slots, N new-token buffer, V vocab.
 
 Prompts are right-padded to a bucketed length (padding has position -1 and is never cached), each row
-decodes from its own length, and the batch, prompt, cache and output sizes are all rounded up to buckets,
-so a new prompt or `max_new_tokens` recompiles only when it crosses a bucket. The prefill processes C
-tokens at a time, so its attention scores are [C, S], linear in the prompt length. The decode loop stops
-at the step limit `stop`, a traced value: `generate` runs it once to the end, `stream` re-enters the same
-compiled loop a few steps at a time.
+decodes from its own length, and the batch, prompt, cache and output sizes are all rounded up to buckets
+(`bucket`: two per octave), so a new prompt or `max_new_tokens` recompiles only when it crosses a bucket.
+The prefill processes C tokens at a time, so its attention scores are [C, S], linear in the prompt
+length. The decode loop stops at the step limit `stop`, a traced value: `generate` runs it once to the
+end, `stream` re-enters the same compiled loop a few steps at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import nnx
 
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.distributed import fetch
 from mixtral_jax.errors import MixtralError
 from mixtral_jax.sampling import Sampler, sample
 
@@ -49,16 +50,20 @@ class DecodeState:
     key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
 
 
-def bucket(n: int, chunk: int) -> int:
-    """A padded length for `n`: a power of two (at least 16) up to `chunk`, then a multiple of `chunk`."""
-    if n <= chunk:
-        return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), chunk)
-    return -(-n // chunk) * chunk
+def bucket(n: int, multiple: int = 1) -> int:
+    """`n` rounded up to one of two sizes per octave (16, 24, 32, 48, 64, 96, ...: at most half more than
+    `n`, at least 16), then up to a multiple of `multiple`."""
+    n = max(n, MIN_BUCKET)
+    step = 1 << ((n - 1).bit_length() - 2)
+    return _round_up(_round_up(n, step), multiple)
 
 
-def _pow2(n: int, multiple: int = 1) -> int:
-    n = max(1 << (n - 1).bit_length(), multiple)
+def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Array:
@@ -72,8 +77,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
             limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
             cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
     """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
-    first new token. The cache is filled C tokens at a time; logits are computed only at each row's last
-    prompt token."""
+    first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
+    needs (T may be longer); logits are computed only at each row's last prompt token."""
     batch, length = tokens.shape
     cache = KVCache.create(cfg, batch, slots, chunk=chunk)
 
@@ -90,7 +95,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
         return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
 
     last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-    cache, last = jax.lax.fori_loop(0, length // chunk, body, (cache, last))
+    n_chunks = jnp.minimum((jnp.max(lengths) + chunk - 1) // chunk, length // chunk)
+    cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
     padding = lengths == 0
     first = jnp.where(padding, -1, sample(jax.random.fold_in(key, 0), last, sampler))
     return DecodeState(
@@ -181,7 +187,7 @@ def generate(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     run.prefill()
-    out = np.asarray(run.decode(max_new_tokens).out)[: len(prompts)]
+    out = fetch(run.decode(max_new_tokens).out)[: len(prompts)]
     return [row[row >= 0].tolist() for row in out]
 
 
@@ -195,12 +201,11 @@ def stream(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int
         run.prefill()
     emitted = 0
     while emitted < max_new_tokens:
-        state = run.state
-        out, step = np.asarray(state.out), int(state.step)
+        out, step, done = fetch(run.state.out), int(fetch(run.state.step)), fetch(run.state.done)
         for i in range(emitted, step):
             yield [int(t) if t >= 0 else None for t in out[: len(prompts), i]]
         emitted = step
-        if step >= max_new_tokens or bool(np.all(np.asarray(state.done))):
+        if step >= max_new_tokens or done.all():
             return
         run.decode(min(step + segment, max_new_tokens))
 
@@ -209,18 +214,34 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int = DEFAULT_CHUNK) -> np.
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
     cfg = model.config
     check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    length = bucket(len(ids), chunk)
-    tokens = np.zeros((1, length), np.int32)
+    chunk = min(chunk, bucket(len(ids)))
+    tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
-        logprobs = token_logprobs(model.graphdef, model.params, jnp.asarray(tokens), jnp.asarray([len(ids)]),
-                                  cfg=cfg, chunk=min(chunk, length), slots=_slots(cfg, len(ids)))
-    return np.asarray(logprobs[0, : len(ids) - 1])
+        logprobs = token_logprobs(model.graphdef, model.params, *_replicated(model, (tokens, np.int32([len(ids)]))),
+                                  cfg=cfg, chunk=chunk, slots=_slots(cfg, len(ids)))
+    return fetch(logprobs)[0, : len(ids) - 1]
 
 
 def _slots(cfg: ModelConfig, needed: int) -> int:
-    """Cache positions for `needed` tokens, bucketed to a power of two within the context."""
-    return max(min(_pow2(max(needed, MIN_BUCKET)), cfg.max_seq_len), needed)
+    """Cache positions for `needed` tokens, bucketed within the context."""
+    return max(min(bucket(needed), cfg.max_seq_len), needed)
+
+
+def _replicated(model: Mixtral, tree):
+    """Host values placed whole on every device of the model's mesh; with several processes, each passes
+    the same values and holds its own devices' copies."""
+    if model.mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    sharding = jax.NamedSharding(model.mesh, jax.P())
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 class _Run:
@@ -235,17 +256,17 @@ class _Run:
             raise MixtralError(f"chunk must be >= 1, got {chunk}")
         self.model = model
         lengths = [len(p) for p in prompts]
+        chunk = min(chunk, bucket(max(lengths)))
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
-        length = bucket(max(lengths), chunk)
-        tokens = np.zeros((_pow2(len(prompts), mesh_batch), length), np.int32)
+        tokens = np.zeros((_round_up(_pow2(len(prompts)), mesh_batch), bucket(max(lengths), chunk)), np.int32)
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):
             tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]
         eos = model.tokenizer.eos_id if model.tokenizer is not None else cfg.eos_id
-        self.args = (jnp.asarray(tokens), jnp.asarray(lens), jnp.int32(max_new_tokens),
-                     jnp.int32(eos if stop_at_eos else -1), jax.random.key(seed), self.sampler)
-        self.static = dict(cfg=cfg, chunk=min(chunk, length), slots=_slots(cfg, max(lengths) + max_new_tokens),
-                           n_out=_pow2(max(max_new_tokens, 8)))
+        self.args = _replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
+                                        jax.random.key(seed), self.sampler))
+        self.static = dict(cfg=cfg, chunk=chunk, slots=_slots(cfg, max(lengths) + max_new_tokens),
+                           n_out=bucket(max_new_tokens))
         self.state: DecodeState | None = None
 
     def prefill(self) -> DecodeState:
@@ -256,5 +277,6 @@ class _Run:
     def decode(self, stop: int) -> DecodeState:
         """Advance to step `stop` (or until every row is done)."""
         with self.model.context():
-            self.state = decode(self.model.graphdef, self.model.params, self.state, jnp.int32(stop), self.sampler)
+            self.state = decode(self.model.graphdef, self.model.params, self.state,
+                                *_replicated(self.model, (np.int32(stop), self.sampler)))
         return self.state

@@ -28,12 +28,7 @@ class Sampler:
     def create(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                vocab_size: int | None = None) -> Sampler:
         """Checked settings; top-k of at least the vocabulary and top-p of 1 are no filter at all."""
-        if not temperature >= 0:
-            raise MixtralError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-            raise MixtralError(f"top_k must be an integer >= 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise MixtralError(f"top_p must be in (0, 1], got {top_p}")
+        check_settings(temperature, top_k, top_p)
         if top_k is not None and vocab_size is not None and top_k >= vocab_size:
             top_k = None
         return cls(
@@ -42,6 +37,16 @@ class Sampler:
             top_k=None if top_k is None else int(top_k),
             greedy=temperature == 0,
         )
+
+
+def check_settings(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise MixtralError unless temperature >= 0, top_k is an integer >= 1 and top_p is in (0, 1]."""
+    if not temperature >= 0:
+        raise MixtralError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise MixtralError(f"top_k must be an integer >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MixtralError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:

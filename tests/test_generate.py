@@ -1,5 +1,10 @@
 """Generation: greedy equals transformers' generate, cached decode equals a full forward pass, ragged
-batches, EOS, buckets that do not recompile, sliding-window caches, streaming, and clear errors."""
+batches, EOS, buckets that do not recompile, sliding-window caches, streaming, and clear errors.
+
+Most tests share the compiled shapes of the `greedy` fixture (batch 4 or 1, prompt bucket 16, 32 cache
+slots, 24 new tokens), so the module compiles few programs."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -11,16 +16,25 @@ from mixtral_jax import generate as gen
 from mixtral_jax.errors import MixtralError
 from tests import reference
 
-PROMPTS = [[1, 17, 42, 5, 88, 23, 9], [1, 60], [1, 3, 70, 71, 33, 12, 50, 8]]  # with 24 new: one bucket
+PROMPTS = [[1, 17, 42, 5, 88, 23, 9], [1, 60], [1, 3, 70, 71, 33, 12, 50, 8]]
 NEW = 24
 LONG = [1, 3, 70, 71, 33, 12, 50, 8, 19, 44, 2, 95, 61]
 
 
-def _hf_greedy(folder, prompts, n):
+@functools.cache
+def hf_greedy(folder, prompts: tuple[tuple[int, ...], ...], n: int) -> list[list[int]]:
+    """transformers' greedy `generate` (do_sample=False, no EOS stop), one prompt at a time."""
     model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None
     outs = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0) for p in prompts]
     return [out[0, len(p):].tolist() for p, out in zip(prompts, outs)]
+
+
+class _Eos:
+    """A stand-in tokenizer that only names the EOS id (changing the config would recompile)."""
+
+    def __init__(self, eos_id):
+        self.eos_id = eos_id
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +48,9 @@ def greedy(model):
     return model.generate(PROMPTS, NEW, stop_at_eos=False)
 
 
-@pytest.fixture(scope="module")
-def window_checkpoint(tmp_path_factory):
-    return reference.make_hf_checkpoint(tmp_path_factory.mktemp("window"), sliding_window=5)
-
-
 def test_greedy_equals_transformers_generate(greedy, hf_mixtral):
     assert [len(new) for new in greedy] == [NEW] * len(PROMPTS)
-    assert greedy == _hf_greedy(hf_mixtral, PROMPTS, NEW)
+    assert greedy == hf_greedy(hf_mixtral, tuple(map(tuple, PROMPTS)), NEW)  # all 72 tokens equal
 
 
 def test_ragged_batch_equals_single_prompts(model, greedy):
@@ -50,7 +59,7 @@ def test_ragged_batch_equals_single_prompts(model, greedy):
 
 def test_cached_decode_equals_full_forward(model):
     """Greedy tokens from the cache are the argmax of one uncached forward pass over prompt + tokens."""
-    new = gen.generate(model, [LONG], 12, stop_at_eos=False, chunk=4)[0]  # prefill in 4 chunks
+    new = gen.generate(model, [LONG], 19, stop_at_eos=False, chunk=4)[0]  # prefill in 4 chunks; 32 slots
     logits = np.asarray(model.logits([LONG + new]))[0, len(LONG) - 1 : -1]
     assert new == logits.argmax(-1).tolist()
 
@@ -63,16 +72,22 @@ def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral):
         assert np.abs(gen.score(model, ids, chunk=chunk) - ref).max() <= 2e-4
 
 
-def test_sliding_window_decode_equals_transformers_with_a_bounded_cache(window_checkpoint):
-    model = mixtral_jax.load(window_checkpoint, dtype="float32")
-    assert gen.generate(model, [LONG], 16, stop_at_eos=False) == _hf_greedy(window_checkpoint, [LONG], 16)
+def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bounded_cache(tmp_path):
+    folder = reference.make_hf_checkpoint(tmp_path, sliding_window=5)
+    model = mixtral_jax.load(folder, dtype="float32")
+    new = gen.generate(model, [LONG], 16, stop_at_eos=False, chunk=8)[0]  # 29 positions, window 5
+    assert new == hf_greedy(folder, (tuple(LONG),), 16)[0]
+    logits = np.asarray(model.logits([LONG + new]))[0, len(LONG) - 1 : -1]
+    assert new == logits.argmax(-1).tolist()
     run = gen._Run(model, [LONG], 200, 0.0, None, None, 0, False, 8)
-    assert run.prefill().cache.slots == 5 + 8 - 1  # window + chunk - 1, not prompt + 200
+    state = gen.prefill.eval_shape(model.graphdef, model.params, *run.args, **run.static)
+    assert state.cache.k.shape[2] == 5 + 8 - 1  # window + chunk - 1 slots, not 213
 
 
 def test_rows_stop_at_their_first_eos(model, greedy):
     eos = greedy[0][3]
-    stopped = model.with_options(eos_id=eos).generate(PROMPTS, NEW)
+    stopping = mixtral_jax.Mixtral(model.config, model.graphdef, model.params, _Eos(eos), model.mesh)
+    stopped = stopping.generate(PROMPTS, NEW)
     assert sum(map(len, stopped)) < sum(map(len, greedy))
     for row, full in zip(stopped, greedy):
         end = full.index(eos) + 1 if eos in full else len(full)
@@ -80,10 +95,10 @@ def test_rows_stop_at_their_first_eos(model, greedy):
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(model):
-    model.generate([[1, 2, 3]], 5)
+    model.generate([[1, 2, 3]], NEW)
     before = (gen.prefill._cache_size(), gen.decode._cache_size())
-    for n in (4, 9, 11):  # pad to 16 positions, need <= 16 cache slots; 5 and 7 new tokens share 8 slots
-        model.generate([list(range(1, n + 1))], 7 if n == 9 else 5)
+    for n, new in ((4, 24), (9, 23), (11, 21)):  # 16 prompt positions, 32 cache slots, 24 output slots
+        assert len(model.generate([list(range(1, n + 1))], new, stop_at_eos=False)[0]) == new
     assert (gen.prefill._cache_size(), gen.decode._cache_size()) == before
 
 
@@ -98,9 +113,17 @@ def test_stream_yields_generate_tokens_without_recompiling(model, greedy):
 
 def test_sampling_is_reproducible_and_seeded(model):
     kwargs = dict(temperature=1.0, top_k=20, top_p=0.95, stop_at_eos=False)
-    first = model.generate(PROMPTS, 16, seed=7, **kwargs)
-    assert first == model.generate(PROMPTS, 16, seed=7, **kwargs)
-    assert first != model.generate(PROMPTS, 16, seed=8, **kwargs)
+    first = model.generate(PROMPTS, NEW, seed=7, **kwargs)
+    assert first == model.generate(PROMPTS, NEW, seed=7, **kwargs)
+    assert first != model.generate(PROMPTS, NEW, seed=8, **kwargs)
+    steps = list(model.stream(PROMPTS, NEW, seed=7, **kwargs))  # the same draws, segment by segment
+    assert [list(col) for col in zip(*steps)] == first
+
+
+@pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 24), (25, 32), (33, 48), (1000, 1024),
+                                         (8193, 12288)])
+def test_buckets_are_two_per_octave(n, expected):
+    assert gen.bucket(n) == expected
 
 
 @pytest.mark.parametrize("prompts, new, settings, message", [
@@ -108,9 +131,10 @@ def test_sampling_is_reproducible_and_seeded(model):
     ([[1, 2]], 255, {}, "context of 256"),
     ([[]], 4, {}, "non-empty"),
     ([[1, 96]], 4, {}, "outside"),
+    ([[1, 2]], -1, {}, "non-negative"),
     ([[1, 2]], 4, dict(temperature=-1.0), "temperature"),
     ([[1, 2]], 4, dict(top_k=0), "top_k"),
-    ([[1, 2]], 4, dict(top_p=0.0), "top_p"),
+    ([[1, 2]], 4, dict(top_p=1.5), "top_p"),
 ])
 def test_bad_prompts_and_settings_are_clear_errors(model, prompts, new, settings, message):
     with pytest.raises(MixtralError, match=message):
