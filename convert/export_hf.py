@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import checkpoint
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.mapping import Transform
@@ -93,28 +94,20 @@ def hf_config(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
 
 
 def export(cfg: ModelConfig, params: nnx.State | dict[str, Any], folder: str | os.PathLike,
-           dtype: str | None = None, tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write `config.json`, `model.safetensors` (and `tokenizer.model`) into `folder`.
+           dtype: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Write `config.json`, `model.safetensors` (and `tokenizer.model`) as the folder `folder`.
 
-    Each file is written under a temporary name and renamed into place, so a reader never sees a partial file.
+    The files are written into a staging folder that replaces `folder` only when complete; an existing
+    `folder` is refused unless `force`.
     """
     from safetensors.numpy import save_file
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     pure = params if isinstance(params, dict) else nnx.to_pure_dict(params)
-    tensors = dict(hf_tensors(cfg, pure, dtype))
-    _atomic(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(hf_config(cfg, dtype), indent=2) + "\n"
-    _atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
-    if tokenizer is not None:
-        _atomic(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    return folder
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    with checkpoint.staging(folder, force) as tmp:
+        save_file(dict(hf_tensors(cfg, pure, dtype)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return Path(folder)

@@ -125,15 +125,17 @@ def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = No
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None) -> Mixtral:
-    """A model folder (`mixtral-jax convert` output) or a Hugging Face or Mistral checkpoint folder, read
-    straight into arrays sharded over `mesh`.
+    """A model folder (`mixtral-jax convert` output), a training OUTPUT (its latest step), or a Hugging Face
+    or Mistral checkpoint folder, read straight into arrays sharded over `mesh`.
 
     A model folder is restored by Orbax into the target sharding; from a foreign folder each device's
     slice is assembled from memory-mapped source tensors. Either way a host reads only what its devices
     hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype.
     """
-    from mixtral_jax import checkpoint
+    from mixtral_jax import checkpoint, trained
 
+    if trained.is_training_output(path):
+        return trained.load_trained(path, dtype, mesh)
     if checkpoint.is_checkpoint(path):
         cfg = checkpoint.read_config(path).with_dtype(dtype)
         mesh = default_mesh(mesh)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from mixtral_jax import api, data, losses, trained
 from mixtral_jax import sharding as sh
@@ -40,7 +41,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     seq_len: int
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 10
     decay_steps: int = 10_000
     end_lr_ratio: float = 0.1
@@ -102,8 +103,10 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params:
 def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc: TrainConfig, *,
           config: ModelConfig | str | None = None, init: str | os.PathLike | None = None,
           tokenizer: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | str | None = None,
-          progress: bool = True) -> list[dict[str, float]]:
+          z_loss: float | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train a new model (`config`) or fine-tune a checkpoint (`init`) into OUTPUT; resume if it holds a run.
+
+    `z_loss` sets the router z-loss coefficient (None: the config's).
 
     Returns the metrics logged by this call (also appended to OUTPUT/metrics.jsonl).
     """
@@ -118,17 +121,23 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
     else:
         model = api.init_random(api.resolve_config(config), seed=tc.seed, dtype="float32", mesh=mesh)
         tokenizer = tokenizer or default_tokenizer_path()
-    cfg = model.config
-    output.mkdir(parents=True, exist_ok=True)
-    _write_or_check_config(output / trained.MODEL_CONFIG, cfg)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, output / trained.TOKENIZER)
-        tok = Tokenizer(tokenizer)
-        if tok.vocab_size > cfg.vocab_size:
-            raise ConfigError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
-    else:
+    cfg = model.config if z_loss is None else model.config.replace(router_z_loss_coef=z_loss)
+    if tokenizer is None:
         raise ConfigError(f"{init}: no tokenizer in the checkpoint folder; pass --tokenizer")
-    batches = data.Batches(data.tokenize_files(data_files, tok), tc.batch_size, tc.seq_len, tc.seed)
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+    tokens = data.tokenize_files(data_files, tok)
+    batches = data.Batches(tokens, tc.batch_size, tc.seq_len, tc.seed)
+    occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
+    if occupied and not (output / trained.MODEL_CONFIG).is_file():
+        raise ConfigError(f"{output}: exists and holds no training run; choose a new or empty output folder")
+    output.mkdir(parents=True, exist_ok=True)
+    _write_or_check(output / trained.MODEL_CONFIG, cfg.to_dict(), "a different model")
+    _write_or_check(output / trained.TRAIN_CONFIG, {**_resume_fields(tc), "data_tokens": len(tokens)},
+                    "other training settings or data")
+    if not (output / trained.TOKENIZER).is_file():
+        _atomic_copy(Path(tokenizer), output / trained.TOKENIZER)
 
     tx, lr = optimizer(tc), schedule(tc)
     params = nnx.to_pure_dict(model.params)
@@ -138,9 +147,14 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
     mngr = trained.manager(output, keep=tc.keep, save_every=tc.save_every)
     start = mngr.latest_step() or 0
+    if start > tc.steps:
+        raise ConfigError(f"{output} is already at step {start}, past --steps {tc.steps}")
+    if start == tc.steps:
+        mngr.close()
+        return []
     if start:
-        params, state = trained.restore(mngr, start, params, _train_state(opt_state, 0, 0))
-        opt_state, position = state["opt_state"], int(state["data_position"])
+        params, opt_state, progress = trained.restore(mngr, start, params, opt_state)
+        position = progress["data_position"]
     else:
         position = 0
     _truncate_metrics(output / trained.METRICS, start)
@@ -155,8 +169,6 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
         donate_argnums=(0, 1),
     )
     logged: list[dict[str, float]] = []
-    from tqdm import tqdm
-
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     tick, tokens = time.perf_counter(), 0
     with sh.rules_context(mesh), open(output / trained.METRICS, "a") as metrics_file:
@@ -175,7 +187,8 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
                 logged.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record.get('aux_loss', 0.0):.3f}")
             bar.update(1)
-            trained.save(mngr, step, params, _train_state(opt_state, step, position), force=step == tc.steps)
+            trained.save(mngr, step, params, opt_state, {"step": step, "data_position": position},
+                         force=step == tc.steps)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -203,10 +216,6 @@ def _eval_loss(graphdef: nnx.GraphDef, params: Any, batch: jax.Array) -> jax.Arr
     return loss_fn(params, graphdef, batch)[1]["loss"]
 
 
-def _train_state(opt_state: Any, step: int, position: int) -> dict[str, Any]:
-    return {"opt_state": opt_state, "step": np.int64(step), "data_position": np.int64(position)}
-
-
 def _check_batch(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     if tc.steps < 1 or tc.batch_size < 1 or tc.seq_len < 1:
         raise ConfigError("steps, batch size and sequence length must be positive")
@@ -223,14 +232,32 @@ def tokenizer_file(folder: Path) -> Path | None:
     return None
 
 
-def _write_or_check_config(path: Path, cfg: ModelConfig) -> None:
+def _resume_fields(tc: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (all but length and bookkeeping)."""
+    fields = dataclasses.asdict(tc)
+    for name in ("steps", "remat", "log_every", "save_every", "keep"):
+        del fields[name]
+    return fields
+
+
+def _write_or_check(path: Path, record: dict[str, Any], what: str) -> None:
+    """Write `record` as JSON, or check that the file a previous run wrote holds the same."""
     if path.is_file():
-        if ModelConfig.load(path) != cfg:
-            raise ConfigError(f"{path.parent} holds a run of a different model; choose another output folder")
+        stored = json.loads(path.read_text())
+        if stored != record:
+            changed = sorted(k for k in record.keys() | stored.keys() if stored.get(k) != record.get(k))
+            raise ConfigError(f"{path.parent} holds a run with {what} ({', '.join(changed)}); "
+                              "choose another output folder")
         return
-    tmp = path.with_suffix(".tmp")
-    cfg.save(tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

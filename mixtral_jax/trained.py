@@ -1,10 +1,11 @@
 """A training OUTPUT folder: its layout, its Orbax `CheckpointManager`, and loading its latest weights.
 
     OUTPUT/model_config.json   the ModelConfig the run trains (float32 parameters)
+    OUTPUT/train_config.json   the settings a resumed run must repeat (batch, length, seed, optimizer)
     OUTPUT/tokenizer.model     the SentencePiece model of its data (when there is one)
     OUTPUT/metrics.jsonl       one JSON object per logged step
-    OUTPUT/checkpoints/STEP/   `params` (the parameter tree as a nested dict) and `train_state`
-                               (optimizer state, `step`, `data_position`), written atomically by Orbax
+    OUTPUT/checkpoints/STEP/   `params` (the parameter tree as a nested dict), `opt_state` and `progress`
+                               (JSON: `step`, `data_position`), written atomically by Orbax
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import CheckpointError
 
 MODEL_CONFIG = "model_config.json"
+TRAIN_CONFIG = "train_config.json"
 TOKENIZER = "tokenizer.model"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -39,21 +41,25 @@ def manager(output: str | os.PathLike, keep: int = 3, save_every: int = 1,
         max_to_keep=keep, save_interval_steps=save_every, create=not read_only, read_only=read_only
     )
     return ocp.CheckpointManager(Path(output).absolute() / CHECKPOINTS, options=options,
-                                 item_names=("params", "train_state"))
+                                 item_names=("params", "opt_state", "progress"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: Any, force: bool = False) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, progress: dict[str, int],
+         force: bool = False) -> None:
+    """Save a step (when due under `save_every`, or `force`): parameters, optimizer state, data position."""
     mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state)
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        progress=ocp.args.JsonSave(progress),
     ), force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, params: Any, train_state: Any) -> tuple[Any, Any]:
-    """Both items of `step` restored into the shapes, dtypes and shardings of the given (abstract) trees."""
+def restore(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, int]]:
+    """The items of `step`, the arrays restored into the shapes, dtypes and shardings of the given trees."""
     restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params)), train_state=ocp.args.StandardRestore(_abstract(train_state))
+        params=ocp.args.StandardRestore(_abstract(params)), opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+        progress=ocp.args.JsonRestore(),
     ))
-    return restored["params"], restored["train_state"]
+    return restored["params"], restored["opt_state"], restored["progress"]
 
 
 def restore_trained_params(output: str | os.PathLike, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:

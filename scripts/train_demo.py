@@ -1,13 +1,14 @@
 """Recipe of the built-in demo model: a small Mixtral trained from scratch on Python's standard library.
 
-    python scripts/train_demo.py [--work build/demo] [--steps 1200]
+    python scripts/train_demo.py [--work build/demo] [--steps 1000]
 
 1. corpus: the standard library's `.py` files (PSF license) outside test folders; every 20th file (sorted
    by path) is held out for validation;
 2. a 2048-piece SentencePiece BPE vocabulary (bos=1, eos=2, byte fallback, whitespace kept) on the
    training files;
 3. `mixtral-jax train --config scripts/demo_config.json ...` (the command is printed);
-4. validation perplexity, a sample, and `mixtral-jax export ... --dtype bfloat16` into `mixtral_jax/demo/`.
+4. validation perplexity, training time, a greedy sample and the loss curve (`WORK/summary.json`), and
+   `mixtral-jax export ... --dtype bfloat16` into `mixtral_jax/assets/demo/`.
 Each stage is skipped when its output exists, so the script also resumes an interrupted training run.
 """
 
@@ -22,10 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "scripts" / "demo_config.json"
-DEMO = ROOT / "mixtral_jax" / "demo"
+DEMO = ROOT / "mixtral_jax" / "assets" / "demo"
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages"}
 VOCAB = 2048
 SEQ_LEN, BATCH = 128, 8
+SAMPLE_PROMPT, SAMPLE_TOKENS = "def fibonacci(n):", 64
+DECAY_STEPS = 1000  # the cosine schedule's length; --steps may stop the run earlier
 
 
 def corpus(work: Path) -> tuple[list[Path], list[Path]]:
@@ -59,7 +62,7 @@ def tokenizer(work: Path, train: list[Path]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1000, help="stop after this many steps (default 1000)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     train_files, val_files = corpus(args.work)
@@ -68,7 +71,7 @@ def main() -> None:
     train_args = [
         "train", "--config", str(CONFIG), "--tokenizer", str(spm_model), "--data", *map(str, train_files),
         "--steps", str(args.steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", "2e-3",
-        "--warmup-steps", "30", "--decay-steps", str(args.steps), "--save-every", "50", "--log-every", "10",
+        "--warmup-steps", "30", "--decay-steps", str(DECAY_STEPS), "--save-every", "50", "--log-every", "10",
         "--output", str(run),
     ]
     shown = train_args[:6] + ["<stdlib files>"] + train_args[6 + len(train_files):]
@@ -83,19 +86,31 @@ def main() -> None:
 
 
 def report(run: Path, spm_model: Path, val_files: list[Path], work: Path) -> None:
+    """Validation perplexity, training time, a greedy sample and the loss curve into WORK/summary.json;
+    then the export into the package."""
     import math
 
-    from mixtral_jax import data, train, trained
+    import mixtral_jax
+    from mixtral_jax import data, train
     from mixtral_jax.cli import main as cli
     from mixtral_jax.tokenizer import Tokenizer
 
-    model = trained.load_trained(run)
+    model = mixtral_jax.load(run)
     val = data.tokenize_files(val_files, Tokenizer(spm_model))
     loss = train.evaluate(model, val, SEQ_LEN)
-    summary = {"val_tokens": int(len(val)), "val_loss": loss, "val_perplexity": math.exp(loss)}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged_tokens = [BATCH * SEQ_LEN * (r["step"] - q["step"]) for q, r in zip([{"step": 0}] + records, records)]
+    prompt = model.tokenizer.encode(SAMPLE_PROMPT)
+    sample = SAMPLE_PROMPT + model.tokenizer.decode(model.generate([prompt], SAMPLE_TOKENS)[0])
+    summary = {
+        "steps": records[-1]["step"], "val_tokens": int(len(val)), "val_loss": loss, "val_perplexity": math.exp(loss),
+        "train_seconds": sum(n / r["tokens_per_s"] for n, r in zip(logged_tokens, records)),
+        "loss_curve": {r["step"]: round(r["loss"], 3) for r in records if r["step"] % 50 == 0 or r is records[0]},
+        "sample": sample,
+    }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary), flush=True)
-    if cli(["export", str(run), str(DEMO), "--dtype", "bfloat16"]):
+    print(json.dumps(summary, indent=2), flush=True)
+    if cli(["export", str(run), str(DEMO), "--dtype", "bfloat16", "--force"]):
         raise SystemExit("export failed")
 
 

@@ -34,3 +34,19 @@ def test_export_command_round_trips_a_checkpoint(tmp_path, hf_mixtral):
     diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), again.params, original.params)
     assert max(jax.tree.leaves(diff)) == 0.0
     assert np.max(np.abs(reference.hf_logprobs(tmp_path / "out", IDS) - reference.hf_logprobs(hf_mixtral, IDS))) == 0.0
+
+
+def test_export_of_converted_model_folder_gives_transformers_equal_logprobs(tmp_path, hf_mixtral):
+    assert cli(["convert", str(hf_mixtral), str(tmp_path / "model")]) == 0
+    assert cli(["export", str(tmp_path / "model"), str(tmp_path / "hf")]) == 0
+    theirs = reference.hf_logprobs(tmp_path / "hf", IDS)
+    assert np.max(np.abs(theirs - reference.hf_logprobs(hf_mixtral, IDS))) < 2e-4
+
+
+def test_export_refuses_an_existing_folder_in_one_line(tmp_path, hf_mixtral, capsys):
+    (tmp_path / "hf").mkdir()
+    assert cli(["export", str(hf_mixtral), str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert cli(["export", str(hf_mixtral), str(tmp_path / "hf"), "--force"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
