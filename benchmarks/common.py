@@ -77,15 +77,16 @@ def decode_step_bytes(cfg, batch: int, context: int, weight_bytes: float, kv_byt
     return l * (per_layer + kv) + head
 
 
-def prefill_flops_per_token(cfg, length: int) -> float:
-    """Multiply-add FLOPs per prompt token for a causal prefill of `length` tokens with logits at every
-    position (what `transformers` and `Mixtral.logits` compute): weights times active experts plus the
-    causal attention (mean context (length + 1) / 2)."""
+def prefill_flops_per_token(cfg, length: int, all_logits: bool = True) -> float:
+    """Multiply-add FLOPs per prompt token for a causal prefill of `length` tokens: weights times active
+    experts plus the causal attention (mean context (length + 1) / 2), and logits at every position
+    (`Mixtral.logits`) or only at the last one (`generate`, and transformers' `generate`)."""
     d, f = cfg.dim, cfg.ffn_dim
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * d
     moe = cfg.top_k * 3 * d * f + d * cfg.n_experts
     attn_ctx = 2 * cfg.n_heads * cfg.head_dim * (length + 1) / 2
-    return 2 * (cfg.n_layers * (attn_w + moe + attn_ctx) + d * cfg.vocab_size)
+    head = d * cfg.vocab_size / (1 if all_logits else length)
+    return 2 * (cfg.n_layers * (attn_w + moe + attn_ctx) + head)
 
 
 # ---- ceilings ----------------------------------------------------------------------------------------
