@@ -29,6 +29,9 @@ from mixtral_jax.layers import param
 
 Dispatch = Callable[..., jax.Array]
 MAX_BLOCK = 64  # rows per expert matmul in the CPU grouped path
+# The backend whose grouped kernel `grouped` compiles (None: the default backend); `plan` sets an accelerator
+# to size accelerator programs on CPU placeholder devices.
+KERNEL_BACKEND: str | None = None
 
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -63,7 +66,7 @@ def grouped(x, weights, experts, w1, w3, w2) -> jax.Array:
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # drops the sentinel id E
     xs = x[order // k]  # [T*k, D], grouped by expert
-    expert_ffn = _cpu_ffn if jax.default_backend() == "cpu" else _ragged_ffn
+    expert_ffn = _cpu_ffn if (KERNEL_BACKEND or jax.default_backend()) == "cpu" else _ragged_ffn
     ys = expert_ffn(xs, group_sizes, w1, w3, w2)  # [T*k, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32))

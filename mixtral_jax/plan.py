@@ -106,7 +106,7 @@ def _accelerator_moe() -> None:
     temporaries (49 GiB for 8x7B on `expert=4`) that no accelerator program has."""
     from mixtral_jax import moe
 
-    moe._blocked_ffn = moe._ragged_ffn
+    moe.KERNEL_BACKEND = "tpu"
 
 
 def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str) -> MemoryPlan:

@@ -46,6 +46,11 @@ def logical_spec(names: Sequence[str | None]) -> jax.P:
     return _first_use(spmd.get_pspec(jax.P(*names)))
 
 
+def _axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """One `PartitionSpec` entry as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _first_use(spec: jax.P) -> jax.P:
     """Each mesh axis splits only the first dimension that asks for it (a rule such as `embed =
     ["fsdp", "expert"]` spreads attention rows over `expert`, while an expert weight's `exp` dimension,
@@ -53,8 +58,7 @@ def _first_use(spec: jax.P) -> jax.P:
     used: set[str] = set()
     dims = []
     for entry in spec:
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        kept = tuple(a for a in axes if a not in used)
+        kept = tuple(a for a in _axes(entry) if a not in used)
         used.update(kept)
         dims.append(kept[0] if len(kept) == 1 else kept or None)
     return jax.P(*dims)
@@ -62,9 +66,7 @@ def _first_use(spec: jax.P) -> jax.P:
 
 def mesh_axes(name: str) -> tuple[str, ...]:
     """The mesh axes that the logical axis `name` is split over under the enclosing rules."""
-    entry = spmd.get_pspec(jax.P(name))[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return tuple(a for a in axes if a in MESH_AXES)
+    return tuple(a for a in _axes(spmd.get_pspec(jax.P(name))[0]) if a in MESH_AXES)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -132,7 +134,7 @@ def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules | No
     def sharding(path: tuple, spec: jax.P, leaf) -> jax.NamedSharding:
         spec = _first_use(spec)
         for dim, entry in zip(leaf.shape, spec):
-            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            axes = _axes(entry)
             parts = math.prod(mesh.shape[a] for a in axes)
             if dim % parts:
                 name = ".".join(str(k) for k in (getattr(p, "key", getattr(p, "name", p)) for p in path)
