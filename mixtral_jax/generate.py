@@ -251,7 +251,7 @@ class _Run:
                  chunk):
         cfg = model.config
         check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
-        self.sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
+        sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
         if chunk < 1:
             raise MixtralError(f"chunk must be >= 1, got {chunk}")
         self.model = model
@@ -264,7 +264,7 @@ class _Run:
             tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]
         eos = model.tokenizer.eos_id if model.tokenizer is not None else cfg.eos_id
         self.args = _replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
-                                        jax.random.key(seed), self.sampler))
+                                        jax.random.key(seed), sampler))
         self.static = dict(cfg=cfg, chunk=chunk, slots=_slots(cfg, max(lengths) + max_new_tokens),
                            n_out=bucket(max_new_tokens))
         self.state: DecodeState | None = None
@@ -277,6 +277,6 @@ class _Run:
     def decode(self, stop: int) -> DecodeState:
         """Advance to step `stop` (or until every row is done)."""
         with self.model.context():
-            self.state = decode(self.model.graphdef, self.model.params, self.state,
-                                *_replicated(self.model, (np.int32(stop), self.sampler)))
+            stop = _replicated(self.model, np.int32(stop))
+            self.state = decode(self.model.graphdef, self.model.params, self.state, stop, self.args[-1])
         return self.state
