@@ -2,16 +2,19 @@
 
 Run: python -m benchmarks.moe_block [--tokens 1 8 64 1024] [--layers 4]
 
-The dispatch runs under `lax.scan` over a stack of layers, as in the model, so the weights (44 MB a layer
-in float32) come from memory rather than cache. Each row shows ms per layer, the bytes the chosen experts
-occupy over the measured read bandwidth, and the active-expert FLOPs over the measured matmul peak.
-`decode` gathers a weight copy per token and expert, so it is skipped above 64 tokens (1024 tokens would
-gather 23 GB).
+Each dispatch runs over several layers, as in the model, so the weights (88 MB a layer in float32) come
+from memory rather than cache: stacked (a `lax.scan` over [L, E, ...] weights) and split (an unrolled loop
+over per-layer, per-expert buffers, `mixtral_jax/layout.py`). Each row shows ms per layer, and the limit:
+the larger of the bytes of the experts used over the measured read bandwidth and the active-expert FLOPs
+over the measured matmul peak. Stacked `decode` gathers a weight copy per token and expert, so it is skipped
+above 64 tokens (1024 tokens would gather 23 GB); split `decode` compiles a switch per token and choice,
+so it is skipped above 8 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,16 @@ def stacked(dispatch, n_layers: int):
     return jax.jit(run)
 
 
+def split(dispatch):
+    def run(x, weights, experts, w1, w3, w2):  # tuples over layers of tuples over experts
+        def loaders(w):  # as `MoE` hands split experts to a dispatch
+            return tuple(functools.partial(moe._load, a, None, jnp.float32) for a in w)
+
+        return sum(dispatch(x, weights, experts, *map(loaders, w)) for w in zip(w1, w3, w2))
+
+    return jax.jit(run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
@@ -44,6 +57,7 @@ def main() -> None:
     w1, w3 = (jax.random.normal(k, (args.layers, E, D, F)) * 0.02 for k in keys[:2])
     w2 = jax.random.normal(keys[2], (args.layers, E, F, D)) * 0.02
     router = jax.random.normal(keys[3], (D, E))
+    split_w = [tuple(tuple(w[i, e] for e in range(E)) for i in range(args.layers)) for w in (w1, w3, w2)]
     bandwidth, peak = common.memory_bandwidth()["read"], common.matmul_peak()
     print(common.machine())
     rows = []
@@ -53,19 +67,21 @@ def main() -> None:
         used = len(np.unique(np.asarray(experts)))
         limit_ms = max(used * 3 * D * F * 4 / bandwidth, n * K * 6 * D * F / peak) * 1e3
         row = [n, used]
-        for name in ("reference", "grouped", "decode"):
-            if name == "decode" and n > 64:
+        for name, layout in (("reference", "stacked"), ("grouped", "stacked"), ("decode", "stacked"),
+                             ("grouped", "split"), ("decode", "split")):
+            if name == "decode" and n > (64 if layout == "stacked" else 8):
                 row.append("n/a")
                 continue
-            fn = stacked(moe.DISPATCH[name], args.layers)
-            ms = common.median_time(lambda: fn(x, weights, experts, w1, w3, w2).block_until_ready(),
+            fn, w = ((stacked(moe.DISPATCH[name], args.layers), (w1, w3, w2)) if layout == "stacked"
+                     else (split(moe.DISPATCH[name]), split_w))
+            ms = common.median_time(lambda: fn(x, weights, experts, *w).block_until_ready(),
                                     reps=args.reps) * 1e3 / args.layers
             row.append(ms)
         row += [moe.choose("auto", n, K, E).__name__, limit_ms]
         rows.append(row)
         print(row, flush=True)
-    print(common.table(["tokens", "experts used", "reference ms", "grouped ms", "decode ms", "auto picks",
-                        "limit ms"], rows))
+    print(common.table(["tokens", "experts used", "reference ms", "grouped ms", "decode ms",
+                        "grouped ms (split)", "decode ms (split)", "auto picks", "limit ms"], rows))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ class Mixtral:
         cfg = self.config.replace(**changes)
         if (cfg.param_dtype, cfg.n_layers, cfg.dim) != (self.config.param_dtype, self.config.n_layers, self.config.dim):
             raise MixtralError("with_options cannot change the parameters' shapes or dtype")
-        return Mixtral(cfg, abstract_model(cfg)[0], self.params, self.tokenizer, self.mesh, self.rules)
+        model = Mixtral(cfg, abstract_model(cfg)[0], self.params, self.tokenizer, self.mesh, self.rules)
+        if cfg.layout == self.config.layout and "split_layers" in self.__dict__:
+            model.split_layers = self.split_layers  # share the split copy rather than make another
+        return model
 
     def context(self):
         """The mesh and logical rules this model's computations run under."""
@@ -47,6 +50,18 @@ class Mixtral:
     def module(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params)
 
+    @functools.cached_property
+    def split_layers(self) -> tuple[nnx.State, ...] | None:
+        """The layer weights in the split runtime layout where `config.layout` picks it (`layout.py`), made
+        on first use and kept with the handle (a second copy of the layer weights); None: run stacked."""
+        from mixtral_jax import layout
+
+        layers = nnx.state(self.module.layers)
+        if not layout.use_split(self.config, self.mesh, sum(x.nbytes for x in jax.tree.leaves(layers))):
+            return None
+        with self.context():
+            return layout.split(self.config, layers)
+
     def logits(self, ids) -> jax.Array:
         """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
         ids = jnp.asarray(np.asarray(ids, dtype=np.int32))
@@ -55,7 +70,7 @@ class Mixtral:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise MixtralError(f"token ids must be in [0, {self.config.vocab_size})")
         with self.context():
-            return _forward_logits(self.graphdef, self.params, ids)
+            return _forward_logits(self.graphdef, self.params, self.split_layers, ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -87,8 +102,8 @@ class Mixtral:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(ids).logits
+def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, layers, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(ids, layers=layers).logits
 
 
 def resolve_config(config: ModelConfig | str) -> ModelConfig:

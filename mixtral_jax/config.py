@@ -13,6 +13,7 @@ from mixtral_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "reference", "grouped", "decode")
+LAYOUTS = ("auto", "stacked", "split")  # the layer weights' runtime layout for inference (`layout.py`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     moe_impl: str = "auto"
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -62,6 +64,8 @@ class ModelConfig:
                 raise ConfigError(f"config: {name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"config: moe_impl must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"config: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
     @property
     def is_moe(self) -> bool:

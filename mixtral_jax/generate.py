@@ -73,12 +73,13 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"))
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array, lengths: jax.Array,
             limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
             cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
     """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
     first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
-    needs (T may be longer); logits are computed only at each row's last prompt token."""
+    needs (T may be longer); logits are computed only at each row's last prompt token. `layers`: the split
+    layer weights or None (`Transformer.__call__`), here and in the functions below."""
     batch, length = tokens.shape
     cache = KVCache.create(cfg, batch, slots, chunk=chunk)
 
@@ -90,6 +91,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
             _chunk_positions(start, chunk, lengths),
             cache,
             logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1),
+            layers=layers,
         )
         here = (lengths - 1 >= start) & (lengths - 1 < start + chunk)
         return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
@@ -113,7 +115,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state")
-def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop: jax.Array,
+def decode(graphdef: nnx.GraphDef, params: nnx.State, layers, state: DecodeState, stop: jax.Array,
            sampler: Sampler) -> DecodeState:
     """Decode one token per row per step until step `stop`, the limit, or every row is done."""
 
@@ -122,7 +124,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop: 
 
     def step(s: DecodeState) -> DecodeState:
         positions = jnp.where(s.done, -1, s.positions)  # finished rows write nothing to the cache
-        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache)
+        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache, layers=layers)
         new = sample(jax.random.fold_in(s.key, s.step), out.logits[:, 0], sampler)
         new = jnp.where(s.done, -1, new)
         return s.replace(
@@ -138,7 +140,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"))
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
+def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array, lengths: jax.Array, *,
                    cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
     """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
     one chunk at a time through the KV cache."""
@@ -149,7 +151,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
     def body(cache, start):
         positions = _chunk_positions(start, chunk, lengths)
         out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
-                                          positions, cache)
+                                          positions, cache, layers=layers)
         logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
         nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
@@ -218,7 +220,8 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int = DEFAULT_CHUNK) -> np.
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
-        logprobs = token_logprobs(model.graphdef, model.params, *_replicated(model, (tokens, np.int32([len(ids)]))),
+        logprobs = token_logprobs(model.graphdef, model.params, model.split_layers,
+                                  *_replicated(model, (tokens, np.int32([len(ids)]))),
                                   cfg=cfg, chunk=chunk, slots=_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
 
@@ -271,12 +274,14 @@ class _Run:
 
     def prefill(self) -> DecodeState:
         with self.model.context():
-            self.state = prefill(self.model.graphdef, self.model.params, *self.args, **self.static)
+            self.state = prefill(self.model.graphdef, self.model.params, self.model.split_layers, *self.args,
+                                 **self.static)
         return self.state
 
     def decode(self, stop: int) -> DecodeState:
         """Advance to step `stop` (or until every row is done)."""
         with self.model.context():
             stop = _replicated(self.model, np.int32(stop))
-            self.state = decode(self.model.graphdef, self.model.params, self.state, stop, self.args[-1])
+            self.state = decode(self.model.graphdef, self.model.params, self.model.split_layers, self.state, stop,
+                                self.args[-1])
         return self.state

@@ -5,6 +5,7 @@ Legend: B batch, T length, D model dim, V vocab, L layers, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -79,11 +80,13 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_index: jax.Array | None = None,
+        layers: Sequence[nnx.State] | None = None,
     ) -> Output:
         """tokens [B, T] at positions [B, T] (default 0..T-1; negative marks padding that is not cached).
 
         With a cache, keys and values are written into it and attention spans all cached positions.
-        `logit_index` [B] computes logits only at that index of each row (prefill).
+        `logit_index` [B] computes logits only at that index of each row (prefill). `layers`: the layer
+        weights in the split layout (`layout.split`), run unrolled in place of the scanned stack.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -105,7 +108,10 @@ class Transformer(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, (kv, router_logits) = jax.lax.scan(body, x, (layer_state, kv_in))
+        if layers is None:
+            x, (kv, router_logits) = jax.lax.scan(body, x, (layer_state, kv_in))
+        else:
+            x, (kv, router_logits) = _unrolled(body, x, layers, kv_in)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1])
         if logit_index is not None:
@@ -115,3 +121,15 @@ class Transformer(nnx.Module):
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
         logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
         return Output(logits, cache, router_logits)
+
+
+def _unrolled(body, x, layers, kv):
+    """`lax.scan(body, x, (stacked layers, kv))` as a Python loop over per-layer states; the cache stays
+    stacked and each layer's slot is updated in place."""
+    outs = []
+    for i, state in enumerate(layers):
+        x, (kv_i, router_logits) = body(x, (state, None if kv is None else (kv[0][i], kv[1][i])))
+        if kv is not None:
+            kv = (kv[0].at[i].set(kv_i[0]), kv[1].at[i].set(kv_i[1]))
+        outs.append(router_logits)
+    return x, (kv, None if outs[0] is None else jnp.stack(outs))

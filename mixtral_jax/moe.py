@@ -4,11 +4,14 @@ Legend: T tokens (batch and length flattened), D model dim, E experts, F expert 
 C rows in one block of an expert's token copies.
 
 Every dispatch strategy has one signature, `(x [T, D], weights [T, k] f32, experts [T, k] int32, w1, w3, w2)
--> [T, D] f32`, and computes `sum_k weights * SwiGLU_expert(x)`; none drops a token.
+-> [T, D] f32`, and computes `sum_k weights * SwiGLU_expert(x)`; none drops a token. The expert weights are
+stacked (w1, w3 [E, D, F], w2 [E, F, D]) or, in the split layout (`layout.py`), tuples of E loaders of
+separate buffers (`Experts`), which every strategy reads in place.
 - reference: every expert on every token (the oracle; E/k times the needed FLOPs).
 - grouped: token copies sorted by expert, each expert's rows multiplied by its weights only (prefill, large
   batches): `jax.lax.ragged_dot` on GPU and TPU, a loop over experts and row blocks on CPU.
-- decode: the chosen experts' weights gathered per token (reads only those; few tokens).
+- decode: the chosen experts' weights gathered per token, or each choice switched to its expert's buffers
+  (reads only those; few tokens).
 On a mesh whose expert or tensor axis is split, the chosen strategy runs per device on its local experts
 inside `expert_parallel.dispatch`.
 """
@@ -28,7 +31,14 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
 
 Dispatch = Callable[..., jax.Array]
-MAX_BLOCK = 64  # rows per expert matmul in the CPU grouped path
+# One expert matrix of every expert: stacked [E, ...], or in the split layout E loaders, each returning its
+# expert's own buffer cast (and dequantised) where a branch reads it.
+Experts = jax.Array | tuple[Callable[[], jax.Array], ...]
+# Rows per expert matmul in the CPU grouped path (`_block_sizes`): full blocks of these while an expert has
+# that many rows left, then masked blocks of at most SMALL_BLOCK (bigger matmuls run faster, smaller ones
+# pad less).
+BIG_BLOCKS = (256, 64, 16, 3)
+SMALL_BLOCK = 16
 # The backend whose grouped kernel `grouped` compiles (None: the default backend); `plan` sets an accelerator
 # to size accelerator programs on CPU placeholder devices.
 KERNEL_BACKEND: str | None = None
@@ -49,27 +59,49 @@ def _swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, spec: str
 
 
 def reference(x, weights, experts, w1, w3, w2) -> jax.Array:
+    w1, w3, w2 = (jnp.stack([load() for load in w]) if isinstance(w, tuple) else w for w in (w1, w3, w2))
     y = _swiglu(x, w1, w3, w2, "TD,EDF->TEF|TEF,EFD->TED")  # [T, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, w1.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)
     return jnp.einsum("TE,TED->TD", gate, y.astype(jnp.float32))
 
 
 def decode(x, weights, experts, w1, w3, w2) -> jax.Array:
-    xk = jnp.broadcast_to(x[:, None], experts.shape + x.shape[1:])  # [T, k, D]: batched matvecs, no transpose
-    y = _swiglu(xk, w1[experts], w3[experts], w2[experts], "TKD,TKDF->TKF|TKF,TKFD->TKD")  # [T, k, D]
+    if isinstance(w1, tuple):
+        y = _switched(x, experts, w1, w3, w2)
+    else:
+        xk = jnp.broadcast_to(x[:, None], experts.shape + x.shape[1:])  # [T, k, D]: batched matvecs
+        y = _swiglu(xk, w1[experts], w3[experts], w2[experts], "TKD,TKDF->TKF|TKF,TKFD->TKD")  # [T, k, D]
     return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32))
+
+
+def _switched(x, experts, w1, w3, w2) -> jax.Array:
+    """Each token's choices [T, k] run through `lax.switch` on the expert id, whose branch reads that
+    expert's own buffers -> [T, k, D]."""
+
+    def branch(a, b, c, x):
+        return _swiglu(x, a(), b(), c(), "D,DF->F|F,FD->D")
+
+    branches = [functools.partial(branch, a, b, c) for a, b, c in zip(w1, w3, w2)]
+    t, k = experts.shape
+    y = [jax.lax.switch(experts[i, j], branches, x[i]) for i in range(t) for j in range(k)]
+    return jnp.stack(y).reshape(t, k, -1)
 
 
 def grouped(x, weights, experts, w1, w3, w2) -> jax.Array:
     t, k = experts.shape
     flat = experts.reshape(-1)  # [T*k]
     order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # drops the sentinel id E
+    group_sizes = jnp.bincount(flat, length=len(w1)).astype(jnp.int32)  # drops the sentinel id E
     xs = x[order // k]  # [T*k, D], grouped by expert
-    expert_ffn = _cpu_ffn if (KERNEL_BACKEND or jax.default_backend()) == "cpu" else _ragged_ffn
-    ys = expert_ffn(xs, group_sizes, w1, w3, w2)  # [T*k, D]
+    ys = _grouped_kernel(w1)(xs, group_sizes, w1, w3, w2)  # [T*k, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32))
+
+
+def _grouped_kernel(w1: Experts) -> Callable[..., jax.Array]:
+    if isinstance(w1, tuple):  # split layout (inference): blocks read each expert's buffers in place
+        return _blocked_ffn
+    return _cpu_ffn if (KERNEL_BACKEND or jax.default_backend()) == "cpu" else _ragged_ffn
 
 
 def _ragged_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
@@ -80,37 +112,63 @@ def _ragged_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
 
 def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
     """`_ragged_ffn` for XLA:CPU, whose ragged_dot multiplies every row by every expert: each expert with
-    rows multiplies them in blocks of C rows (the last one masked), reading its weights once. Rows past
-    the groups (the sentinel id E) stay zero. Products are float32 (XLA:CPU has no fast bfloat16 matmul
-    on most CPUs), each rounded to the input dtype as ragged_dot rounds."""
+    rows multiplies them in blocks, reading its weights once. Blocks come in a few sizes C (`_block_sizes`):
+    full blocks of the larger sizes while enough rows remain, then masked blocks of the smallest, so big
+    matmuls do most of the work and little is padding. Rows past the groups (the sentinel id E) stay zero.
+    Products are float32 (XLA:CPU has no fast bfloat16 matmul on most CPUs), each rounded to the input
+    dtype as ragged_dot rounds."""
     n, d = xs.shape
-    n_experts = w1.shape[0]
+    n_experts = len(w1)
     dtype = xs.dtype
 
     def rounded(a: jax.Array) -> jax.Array:  # float32 math, rounded where ragged_dot rounds
         return a.astype(dtype).astype(jnp.float32)
 
-    block = min(MAX_BLOCK, 1 << (-(-n // n_experts) - 1).bit_length())  # C: about one block per expert
+    sizes = _block_sizes(n, n_experts)
     starts = jnp.cumsum(group_sizes) - group_sizes
-    xs = jnp.pad(xs.astype(jnp.float32), ((0, block), (0, 0)))
+    xs = jnp.pad(xs.astype(jnp.float32), ((0, sizes[-1]), (0, 0)))
 
-    def expert_rows(e, w1e, w3e, w2e, ys):
+    def blocks(e, w1e, w3e, w2e, block, first, count, ys):
+        """`count` blocks of C = `block` rows of expert e from its row `first` on; rows past the group masked."""
+
         def one_block(j, ys):
-            start = starts[e] + j * block
+            offset = first + j * block
+            start = starts[e] + offset
             rows = jax.lax.dynamic_slice_in_dim(xs, start, block)  # [C, D]
             y = rounded(rounded(jax.nn.silu(rounded(rows @ w1e)) * rounded(rows @ w3e)) @ w2e)
-            keep = (jnp.arange(block) < group_sizes[e] - j * block)[:, None]
+            keep = (jnp.arange(block) < group_sizes[e] - offset)[:, None]
             old = jax.lax.dynamic_slice_in_dim(ys, start, block)
             return jax.lax.dynamic_update_slice_in_dim(ys, jnp.where(keep, y, old), start, 0)
 
-        return jax.lax.fori_loop(0, -(-group_sizes[e] // block), one_block, ys)
+        return jax.lax.fori_loop(0, count, one_block, ys)
 
-    ys = jnp.zeros((n + block, d), jnp.float32)
-    for e in range(n_experts):  # unrolled: a static slice copies one expert, a loop would copy all first
-        ys = jax.lax.cond(group_sizes[e] > 0, functools.partial(expert_rows, e), lambda *a: a[-1],
-                          *(w[e].astype(jnp.float32) for w in (w1, w3, w2)), ys)
+    def expert_rows(e, w1e, w3e, w2e, ys):
+        first = jnp.int32(0)
+        for block in sizes[:-1]:
+            count = (group_sizes[e] - first) // block
+            ys = blocks(e, w1e, w3e, w2e, block, first, count, ys)
+            first = first + count * block
+        return blocks(e, w1e, w3e, w2e, sizes[-1], first, -(-(group_sizes[e] - first) // sizes[-1]), ys)
+
+    def used_expert(e, ys):  # a stacked expert is copied by its static slice, a split one read in place
+        return expert_rows(e, *((w[e]() if isinstance(w, tuple) else w[e]).astype(jnp.float32)
+                                for w in (w1, w3, w2)), ys)
+
+    ys = jnp.zeros((n + sizes[-1], d), jnp.float32)
+    for e in range(n_experts):  # unrolled: each expert's weights are read only in its own branch
+        ys = jax.lax.cond(group_sizes[e] > 0, functools.partial(used_expert, e), lambda ys: ys, ys)
     return ys[:n]
 
+
+def _block_sizes(n: int, n_experts: int) -> tuple[int, ...]:
+    """Row-block sizes for n rows over E experts, largest first. The smallest covers the rest of each group
+    in masked blocks: single rows while experts average at most 4 rows (XLA:CPU streams the weights past
+    one row at memory speed, but costs nearly as much for 2 rows as for two single rows), else a power of
+    two about one block per expert, up to SMALL_BLOCK. Before it come the sizes of BIG_BLOCKS that an
+    expert with twice the average rows fills (never more than all n rows)."""
+    mean = -(-n // n_experts)
+    small = 1 if mean <= 4 else min(SMALL_BLOCK, 1 << (mean - 1).bit_length())
+    return tuple(b for b in BIG_BLOCKS if small < b <= min(2 * mean, n)) + (small,)
 
 
 @jax.custom_vjp
@@ -168,10 +226,18 @@ class MoE(nnx.Module):
         if expert_parallel.active():  # each device runs the strategy on its own experts
             dispatch = functools.partial(expert_parallel.dispatch, functools.partial(choose, self.impl))
         else:
-            dispatch = choose(self.impl, b * t, self.top_k, self.w1.shape[0])
-        w1, w3, w2 = (self.w1[...], self.w3[...], self.w2[...])
-        if self.scales is not None:
-            w1, w3, w2 = self.scales.dequantize(w1, w3, w2)
-        w1, w3, w2 = (w.astype(x.dtype) for w in (w1, w3, w2))
-        y = dispatch(tokens, weights, experts, w1, w3, w2)
+            dispatch = choose(self.impl, b * t, self.top_k, len(self.w1.get_value()))
+        ws = (self.w1.get_value(), self.w3.get_value(), self.w2.get_value())  # [E, ...] or tuples (split)
+        scales = (None,) * 3 if self.scales is None else self.scales.values()
+        if isinstance(ws[0], tuple):  # split: each expert is cast and dequantised in the branch that reads it
+            ws = tuple(tuple(functools.partial(_load, q, s, x.dtype) for q, s in zip(w, scale or (None,) * len(w)))
+                       for w, scale in zip(ws, scales))
+        else:
+            ws = tuple(_load(w, scale, x.dtype) for w, scale in zip(ws, scales))
+        y = dispatch(tokens, weights, experts, *ws)
         return y.astype(x.dtype).reshape(b, t, d), logits.reshape(b, t, -1)
+
+
+def _load(w: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+    """Expert weights in `dtype`; int8 ones multiplied back by their scales (XLA fuses this into the read)."""
+    return (w if scale is None else w.astype(jnp.float32) * scale).astype(dtype)

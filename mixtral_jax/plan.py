@@ -138,11 +138,12 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
                      jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                      jax.eval_shape(lambda: jax.random.key(0)), jax.eval_shape(lambda: sampler)))
     with sh.rules_context(mesh):
-        lowered = generate.prefill.lower(graphdef, params, *prompt, cfg=cfg, chunk=chunk, slots=max_len, n_out=8)
+        lowered = generate.prefill.lower(graphdef, params, None, *prompt, cfg=cfg, chunk=chunk, slots=max_len,
+                                         n_out=8)  # stacked layers: the accelerator layout
         prefill = lowered.compile()
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              lowered.out_info, prefill.output_shardings)
-        decode = generate.decode.lower(graphdef, params, state, *placed(
+        decode = generate.decode.lower(graphdef, params, None, state, *placed(
             (jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: sampler)))).compile()
 
     def per_device(tree) -> int:

@@ -36,9 +36,10 @@ class Int8Scales(nnx.Module):
         self.w3 = nnx.Param(w3, out_sharding=(sh.LAYERS, sh.EXP, None, sh.MLP), eager_sharding=False)
         self.w2 = nnx.Param(w2, out_sharding=(sh.LAYERS, sh.EXP, None, sh.EMBED), eager_sharding=False)
 
-    def dequantize(self, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> tuple[jax.Array, ...]:
-        """The int8 weights of one layer ([E, D, F], [E, F, D]) -> float32."""
-        return tuple(q.astype(jnp.float32) * s[...] for q, s in zip((w1, w3, w2), (self.w1, self.w3, self.w2)))
+    def values(self) -> tuple:
+        """The scales of w1, w3, w2 ([L, E, 1, out], in a layer [E, 1, out] or tuples of E in the split layout)."""
+        return self.w1.get_value(), self.w3.get_value(), self.w2.get_value()
+
 
 
 @jax.jit
