@@ -45,23 +45,26 @@ def compiled_bytes(length: int, one_chunk: bool = False) -> dict:
     model, run = _setup(length)
     static = dict(run.static, chunk=run.args[0].shape[1]) if one_chunk else run.static
     with model.context():
-        m = gen.prefill.lower(model.graphdef, model.params, *run.args, **static).compile().memory_analysis()
+        m = gen.prefill.lower(model.graphdef, model.params, model.split_layers, *run.args, **static).compile().memory_analysis()
     return {"slots": static["slots"], "chunk": static["chunk"], "temp": m.temp_size_in_bytes,
             "args_outputs": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes}
 
 
 def measured_rss(length: int) -> dict:
     """Run the chunked prefill once compiled; the peak RSS it adds and its time (this process)."""
+    import jax
+
     from mixtral_jax import generate as gen
 
     model, run = _setup(length)
     with model.context():
-        compiled = gen.prefill.lower(model.graphdef, model.params, *run.args, **run.static).compile()
+        compiled = gen.prefill.lower(model.graphdef, model.params, model.split_layers, *run.args,
+                                     **run.static).compile()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark VmHWM to the current RSS
         before = _status_kib("VmRSS")
         start = time.perf_counter()
-        compiled(model.params, *run.args).cache.k.block_until_ready()
+        jax.block_until_ready(compiled(model.params, model.split_layers, *run.args).cache)
         seconds = time.perf_counter() - start
     return {"rss_added": (_status_kib("VmHWM") - before) * 1024, "seconds": seconds}
 

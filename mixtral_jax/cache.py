@@ -2,7 +2,9 @@
 
 Legend: L layers, B batch, S cache slots, K KV heads, H head dim.
 Slot `s` holds the token at position `p` with `p % S == s`, so a sliding-window model keeps a bounded ring
-buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask.
+buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask. With the
+split layer layout (`layout.py`) keys and values are L separate buffers, so each layer writes its own in
+place instead of a slice of one stacked array (which XLA:CPU copies).
 """
 
 from __future__ import annotations
@@ -19,20 +21,25 @@ CACHE_AXES = (sh.LAYERS, sh.BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, H], or L arrays [B, S, K, H] (per_layer)
+    v: jax.Array | tuple[jax.Array, ...]
     pos: jax.Array  # [B, S] int32
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, chunk: int = 1, dtype: str | None = None) -> KVCache:
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, chunk: int = 1, dtype: str | None = None,
+               per_layer: bool = False) -> KVCache:
         """Room for `max_len` positions; a sliding window needs only `window + chunk - 1` slots, where
         `chunk` is the longest number of tokens written in one forward pass."""
         slots = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window + chunk - 1)
-        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, dtype or cfg.dtype)
-        k = sh.constrain(zeros, CACHE_AXES)
-        v = sh.constrain(zeros, CACHE_AXES)
-        return cls(k=k, v=v, pos=jnp.full((batch, slots), -1, jnp.int32))
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+
+        def zeros() -> jax.Array | tuple[jax.Array, ...]:
+            if per_layer:
+                return tuple(sh.constrain(jnp.zeros(shape, dtype or cfg.dtype), CACHE_AXES[1:])
+                             for _ in range(cfg.n_layers))
+            return sh.constrain(jnp.zeros((cfg.n_layers, *shape), dtype or cfg.dtype), CACHE_AXES)
+
+        return cls(k=zeros(), v=zeros(), pos=jnp.full((batch, slots), -1, jnp.int32))
 
     @property
     def slots(self) -> int:

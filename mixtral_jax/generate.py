@@ -81,7 +81,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array
     needs (T may be longer); logits are computed only at each row's last prompt token. `layers`: the split
     layer weights or None (`Transformer.__call__`), here and in the functions below."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk)
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=layers is not None)
 
     def body(i, carry):
         cache, last = carry
@@ -145,7 +145,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: ja
     """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
     one chunk at a time through the KV cache."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk)
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=layers is not None)
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
     def body(cache, start):

@@ -124,12 +124,14 @@ class Transformer(nnx.Module):
 
 
 def _unrolled(body, x, layers, kv):
-    """`lax.scan(body, x, (stacked layers, kv))` as a Python loop over per-layer states; the cache stays
-    stacked and each layer's slot is updated in place."""
-    outs = []
+    """`lax.scan(body, x, (stacked layers, kv))` as a Python loop over per-layer states and per-layer
+    cache buffers (`KVCache.create(per_layer=True)`), each updated in place."""
+    keys, values, outs = [], [], []
     for i, state in enumerate(layers):
         x, (kv_i, router_logits) = body(x, (state, None if kv is None else (kv[0][i], kv[1][i])))
         if kv is not None:
-            kv = (kv[0].at[i].set(kv_i[0]), kv[1].at[i].set(kv_i[1]))
+            keys.append(kv_i[0])
+            values.append(kv_i[1])
         outs.append(router_logits)
+    kv = None if kv is None else (tuple(keys), tuple(values))
     return x, (kv, None if outs[0] is None else jnp.stack(outs))
