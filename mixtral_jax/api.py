@@ -56,7 +56,7 @@ class Mixtral:
         on first use and kept with the handle (a second copy of the layer weights); None: run stacked."""
         from mixtral_jax import layout
 
-        layers = nnx.state(self.module.layers)
+        layers = self.params["layers"]
         if not layout.use_split(self.config, self.mesh, sum(x.nbytes for x in jax.tree.leaves(layers))):
             return None
         with self.context():
