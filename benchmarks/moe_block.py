@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from mixtral_jax import moe
+from mixtral_jax import layout, moe
 
 D, F, E, K = 512, 1792, 8, 2
 
@@ -57,7 +57,7 @@ def main() -> None:
     w1, w3 = (jax.random.normal(k, (args.layers, E, D, F)) * 0.02 for k in keys[:2])
     w2 = jax.random.normal(keys[2], (args.layers, E, F, D)) * 0.02
     router = jax.random.normal(keys[3], (D, E))
-    split_w = [tuple(tuple(w[i, e] for e in range(E)) for i in range(args.layers)) for w in (w1, w3, w2)]
+    split_w = [tuple(layout.expert_buffers(w[i]) for i in range(args.layers)) for w in (w1, w3, w2)]
     bandwidth, peak = common.memory_bandwidth()["read"], common.matmul_peak()
     print(common.machine())
     rows = []
@@ -67,12 +67,12 @@ def main() -> None:
         used = len(np.unique(np.asarray(experts)))
         limit_ms = max(used * 3 * D * F * 4 / bandwidth, n * K * 6 * D * F / peak) * 1e3
         row = [n, used]
-        for name, layout in (("reference", "stacked"), ("grouped", "stacked"), ("decode", "stacked"),
+        for name, form in (("reference", "stacked"), ("grouped", "stacked"), ("decode", "stacked"),
                              ("grouped", "split"), ("decode", "split")):
-            if name == "decode" and n > (64 if layout == "stacked" else 8):
+            if name == "decode" and n > (64 if form == "stacked" else 8):
                 row.append("n/a")
                 continue
-            fn, w = ((stacked(moe.DISPATCH[name], args.layers), (w1, w3, w2)) if layout == "stacked"
+            fn, w = ((stacked(moe.DISPATCH[name], args.layers), (w1, w3, w2)) if form == "stacked"
                      else (split(moe.DISPATCH[name]), split_w))
             ms = common.median_time(lambda: fn(x, weights, experts, *w).block_until_ready(),
                                     reps=args.reps) * 1e3 / args.layers

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import config as config_lib
+from mixtral_jax import layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import MixtralError
@@ -38,8 +39,8 @@ class Mixtral:
         if (cfg.param_dtype, cfg.n_layers, cfg.dim) != (self.config.param_dtype, self.config.n_layers, self.config.dim):
             raise MixtralError("with_options cannot change the parameters' shapes or dtype")
         model = Mixtral(cfg, abstract_model(cfg)[0], self.params, self.tokenizer, self.mesh, self.rules)
-        if cfg.layout == self.config.layout and "split_layers" in self.__dict__:
-            model.split_layers = self.split_layers  # share the split copy rather than make another
+        if cfg.layout == self.config.layout and "split" in self.__dict__:
+            model.split = self.split  # share the split copy rather than make another
         return model
 
     def context(self):
@@ -51,16 +52,14 @@ class Mixtral:
         return nnx.merge(self.graphdef, self.params)
 
     @functools.cached_property
-    def split_layers(self) -> tuple[nnx.State, ...] | None:
-        """The layer weights in the split runtime layout where `config.layout` picks it (`layout.py`), made
-        on first use and kept with the handle (a second copy of the layer weights); None: run stacked."""
-        from mixtral_jax import layout
-
+    def split(self) -> layout.Split | None:
+        """The weights in the split runtime layout where `config.layout` picks it (`layout.py`), made on
+        first use and kept with the handle (a second copy of the layer weights and LM head); None: stacked."""
         layers = self.params["layers"]
         if not layout.use_split(self.config, self.mesh, sum(x.nbytes for x in jax.tree.leaves(layers))):
             return None
         with self.context():
-            return layout.split(self.config, layers)
+            return layout.split(self.config, self.params)
 
     def logits(self, ids) -> jax.Array:
         """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
@@ -70,7 +69,7 @@ class Mixtral:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise MixtralError(f"token ids must be in [0, {self.config.vocab_size})")
         with self.context():
-            return _forward_logits(self.graphdef, self.params, self.split_layers, ids)
+            return _forward_logits(self.graphdef, self.params, self.split, ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -102,8 +101,8 @@ class Mixtral:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, layers, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(ids, layers=layers).logits
+def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, split, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(ids, split=split).logits
 
 
 def resolve_config(config: ModelConfig | str) -> ModelConfig:

@@ -73,15 +73,15 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"))
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array, lengths: jax.Array,
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array,
             limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
             cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
     """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
     first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
-    needs (T may be longer); logits are computed only at each row's last prompt token. `layers`: the split
-    layer weights or None (`Transformer.__call__`), here and in the functions below."""
+    needs (T may be longer); logits are computed only at each row's last prompt token. `split`: the weights
+    in the split layout or None (`Transformer.__call__`), here and in the functions below."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=layers is not None)
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=split is not None)
 
     def body(i, carry):
         cache, last = carry
@@ -91,7 +91,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array
             _chunk_positions(start, chunk, lengths),
             cache,
             logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1),
-            layers=layers,
+            split=split,
         )
         here = (lengths - 1 >= start) & (lengths - 1 < start + chunk)
         return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
@@ -115,7 +115,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state")
-def decode(graphdef: nnx.GraphDef, params: nnx.State, layers, state: DecodeState, stop: jax.Array,
+def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState, stop: jax.Array,
            sampler: Sampler) -> DecodeState:
     """Decode one token per row per step until step `stop`, the limit, or every row is done."""
 
@@ -124,7 +124,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, layers, state: DecodeState
 
     def step(s: DecodeState) -> DecodeState:
         positions = jnp.where(s.done, -1, s.positions)  # finished rows write nothing to the cache
-        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache, layers=layers)
+        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache, split=split)
         new = sample(jax.random.fold_in(s.key, s.step), out.logits[:, 0], sampler)
         new = jnp.where(s.done, -1, new)
         return s.replace(
@@ -140,18 +140,18 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, layers, state: DecodeState
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"))
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, layers, tokens: jax.Array, lengths: jax.Array, *,
+def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array, *,
                    cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
     """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
     one chunk at a time through the KV cache."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=layers is not None)
+    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=split is not None)
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
     def body(cache, start):
         positions = _chunk_positions(start, chunk, lengths)
         out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
-                                          positions, cache, layers=layers)
+                                          positions, cache, split=split)
         logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
         nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
@@ -220,7 +220,7 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int = DEFAULT_CHUNK) -> np.
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
-        logprobs = token_logprobs(model.graphdef, model.params, model.split_layers,
+        logprobs = token_logprobs(model.graphdef, model.params, model.split,
                                   *_replicated(model, (tokens, np.int32([len(ids)]))),
                                   cfg=cfg, chunk=chunk, slots=_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
@@ -274,7 +274,7 @@ class _Run:
 
     def prefill(self) -> DecodeState:
         with self.model.context():
-            self.state = prefill(self.model.graphdef, self.model.params, self.model.split_layers, *self.args,
+            self.state = prefill(self.model.graphdef, self.model.params, self.model.split, *self.args,
                                  **self.static)
         return self.state
 
@@ -282,6 +282,6 @@ class _Run:
         """Advance to step `stop` (or until every row is done)."""
         with self.model.context():
             stop = _replicated(self.model, np.int32(stop))
-            self.state = decode(self.model.graphdef, self.model.params, self.model.split_layers, self.state, stop,
+            self.state = decode(self.model.graphdef, self.model.params, self.model.split, self.state, stop,
                                 self.args[-1])
         return self.state

@@ -5,13 +5,13 @@ Legend: B batch, T length, D model dim, V vocab, L layers, E experts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
@@ -80,13 +80,13 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_index: jax.Array | None = None,
-        layers: Sequence[nnx.State] | None = None,
+        split: layout.Split | None = None,
     ) -> Output:
         """tokens [B, T] at positions [B, T] (default 0..T-1; negative marks padding that is not cached).
 
         With a cache, keys and values are written into it and attention spans all cached positions.
-        `logit_index` [B] computes logits only at that index of each row (prefill). `layers`: the layer
-        weights in the split layout (`layout.split`), run unrolled in place of the scanned stack.
+        `logit_index` [B] computes logits only at that index of each row (prefill). `split`: the weights in
+        the split layout (`layout.split`): layers run unrolled in place of the scanned stack.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -108,17 +108,22 @@ class Transformer(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv_in = None if cache is None else (cache.k, cache.v)
-        if layers is None:
+        if split is None:
             x, (kv, router_logits) = jax.lax.scan(body, x, (layer_state, kv_in))
         else:
-            x, (kv, router_logits) = _unrolled(body, x, layers, kv_in)
+            x, (kv, router_logits) = _unrolled(body, x, split.layers, kv_in)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1])
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
         x = self.final_norm(x)
-        head = self.embedder[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        if split is None:
+            head = self.embedder[...].T if cfg.tie_embeddings else self.lm_head[...]
+            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            head = self.embedder[...] if split.head is None else split.head  # [V, D]
+            b, t, d = x.shape
+            logits = layout.times(x.reshape(b * t, d), head.astype(dtype), jnp.float32).reshape(b, t, -1)
         logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
         return Output(logits, cache, router_logits)
 

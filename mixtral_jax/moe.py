@@ -6,7 +6,7 @@ C rows in one block of an expert's token copies.
 Every dispatch strategy has one signature, `(x [T, D], weights [T, k] f32, experts [T, k] int32, w1, w3, w2)
 -> [T, D] f32`, and computes `sum_k weights * SwiGLU_expert(x)`; none drops a token. The expert weights are
 stacked (w1, w3 [E, D, F], w2 [E, F, D]) or, in the split layout (`layout.py`), tuples of E loaders of
-separate buffers (`Experts`), which every strategy reads in place.
+separate output-major buffers (w1, w3 [F, D], w2 [D, F]: `Experts`), which every strategy reads in place.
 - reference: every expert on every token (the oracle; E/k times the needed FLOPs).
 - grouped: token copies sorted by expert, each expert's rows multiplied by its weights only (prefill, large
   batches): `jax.lax.ragged_dot` on GPU and TPU, a loop over experts and row blocks on CPU.
@@ -25,20 +25,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import expert_parallel
+from mixtral_jax import expert_parallel, layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
 
 Dispatch = Callable[..., jax.Array]
-# One expert matrix of every expert: stacked [E, ...], or in the split layout E loaders, each returning its
-# expert's own buffer cast (and dequantised) where a branch reads it.
+# One expert matrix of every expert: stacked [E, in, out], or in the split layout E loaders, each returning its
+# expert's own output-major buffer [out, in], cast (and dequantised) where a branch reads it.
 Experts = jax.Array | tuple[Callable[[], jax.Array], ...]
-# Rows per expert matmul in the CPU grouped path (`_block_sizes`): full blocks of these while an expert has
-# that many rows left, then masked blocks of at most SMALL_BLOCK (bigger matmuls run faster, smaller ones
-# pad less).
-BIG_BLOCKS = (256, 64, 16, 3)
-SMALL_BLOCK = 16
+# Rows per expert matmul in the CPU grouped path, largest first (`_block_sizes` picks some by the mean rows
+# per expert).
+BLOCKS = (256, 64, 32, 8, 4, 2, 1)
 # The backend whose grouped kernel `grouped` compiles (None: the default backend); `plan` sets an accelerator
 # to size accelerator programs on CPU placeholder devices.
 KERNEL_BACKEND: str | None = None
@@ -59,10 +57,15 @@ def _swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, spec: str
 
 
 def reference(x, weights, experts, w1, w3, w2) -> jax.Array:
-    w1, w3, w2 = (jnp.stack([load() for load in w]) if isinstance(w, tuple) else w for w in (w1, w3, w2))
+    w1, w3, w2 = (_stacked(w) for w in (w1, w3, w2))
     y = _swiglu(x, w1, w3, w2, "TD,EDF->TEF|TEF,EFD->TED")  # [T, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, w1.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)
     return jnp.einsum("TE,TED->TD", gate, y.astype(jnp.float32))
+
+
+def _stacked(w: Experts) -> jax.Array:
+    """Experts as one array [E, in, out] (split ones stacked and transposed back)."""
+    return jnp.stack([load().T for load in w]) if isinstance(w, tuple) else w
 
 
 def decode(x, weights, experts, w1, w3, w2) -> jax.Array:
@@ -79,7 +82,7 @@ def _switched(x, experts, w1, w3, w2) -> jax.Array:
     expert's own buffers -> [T, k, D]."""
 
     def branch(a, b, c, x):
-        return _swiglu(x, a(), b(), c(), "D,DF->F|F,FD->D")
+        return _swiglu(x, a(), b(), c(), "D,FD->F|F,DF->D")
 
     branches = [functools.partial(branch, a, b, c) for a, b, c in zip(w1, w3, w2)]
     t, k = experts.shape
@@ -112,11 +115,11 @@ def _ragged_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
 
 def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
     """`_ragged_ffn` for XLA:CPU, whose ragged_dot multiplies every row by every expert: each expert with
-    rows multiplies them in blocks, reading its weights once. Blocks come in a few sizes C (`_block_sizes`):
-    full blocks of the larger sizes while enough rows remain, then masked blocks of the smallest, so big
-    matmuls do most of the work and little is padding. Rows past the groups (the sentinel id E) stay zero.
-    Products are float32 (XLA:CPU has no fast bfloat16 matmul on most CPUs), each rounded to the input
-    dtype as ragged_dot rounds."""
+    rows multiplies them in blocks, reading its weights once, output-major (`Experts`, `layout.times`).
+    Blocks come in a few sizes C (`_block_sizes`), largest first: as many of a size as the rows left fill,
+    one more when more than half of another would be filled (rows past the group masked), the smallest
+    size rounding up. Rows past the groups (the sentinel id E) stay zero. Products are float32 (XLA:CPU
+    has no fast bfloat16 matmul on most CPUs), each rounded to the input dtype as ragged_dot rounds."""
     n, d = xs.shape
     n_experts = len(w1)
     dtype = xs.dtype
@@ -126,49 +129,49 @@ def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
 
     sizes = _block_sizes(n, n_experts)
     starts = jnp.cumsum(group_sizes) - group_sizes
-    xs = jnp.pad(xs.astype(jnp.float32), ((0, sizes[-1]), (0, 0)))
+    xs = jnp.pad(xs.astype(jnp.float32), ((0, sizes[0]), (0, 0)))
 
-    def blocks(e, w1e, w3e, w2e, block, first, count, ys):
+    def ffn(rows, w1e, w3e, w2e):  # rows [C, D]; w1e, w3e [F, D], w2e [D, F]
+        h = rounded(jax.nn.silu(rounded(layout.times(rows, w1e))) * rounded(layout.times(rows, w3e)))  # [C, F]
+        return rounded(layout.times(h, w2e))
+
+    def blocks(e, w, block, first, count, ys):
         """`count` blocks of C = `block` rows of expert e from its row `first` on; rows past the group masked."""
 
         def one_block(j, ys):
             offset = first + j * block
             start = starts[e] + offset
-            rows = jax.lax.dynamic_slice_in_dim(xs, start, block)  # [C, D]
-            y = rounded(rounded(jax.nn.silu(rounded(rows @ w1e)) * rounded(rows @ w3e)) @ w2e)
+            y = ffn(jax.lax.dynamic_slice_in_dim(xs, start, block), *w)  # [C, D]
             keep = (jnp.arange(block) < group_sizes[e] - offset)[:, None]
             old = jax.lax.dynamic_slice_in_dim(ys, start, block)
             return jax.lax.dynamic_update_slice_in_dim(ys, jnp.where(keep, y, old), start, 0)
 
         return jax.lax.fori_loop(0, count, one_block, ys)
 
-    def expert_rows(e, w1e, w3e, w2e, ys):
+    def used_expert(e, ys):  # a stacked expert is copied (transposed) from its static slice, a split one read
+        w = tuple((w[e]() if isinstance(w, tuple) else w[e].T).astype(jnp.float32) for w in (w1, w3, w2))
         first = jnp.int32(0)
-        for block in sizes[:-1]:
-            count = (group_sizes[e] - first) // block
-            ys = blocks(e, w1e, w3e, w2e, block, first, count, ys)
+        for i, block in enumerate(sizes):
+            left = jnp.maximum(group_sizes[e] - first, 0)
+            count = -(-left // block) if i == len(sizes) - 1 else (left + block - 1 - block // 2) // block
+            ys = blocks(e, w, block, first, count, ys)
             first = first + count * block
-        return blocks(e, w1e, w3e, w2e, sizes[-1], first, -(-(group_sizes[e] - first) // sizes[-1]), ys)
+        return ys
 
-    def used_expert(e, ys):  # a stacked expert is copied by its static slice, a split one read in place
-        return expert_rows(e, *((w[e]() if isinstance(w, tuple) else w[e]).astype(jnp.float32)
-                                for w in (w1, w3, w2)), ys)
-
-    ys = jnp.zeros((n + sizes[-1], d), jnp.float32)
+    ys = jnp.zeros((n + sizes[0], d), jnp.float32)
     for e in range(n_experts):  # unrolled: each expert's weights are read only in its own branch
         ys = jax.lax.cond(group_sizes[e] > 0, functools.partial(used_expert, e), lambda ys: ys, ys)
     return ys[:n]
 
 
 def _block_sizes(n: int, n_experts: int) -> tuple[int, ...]:
-    """Row-block sizes for n rows over E experts, largest first. The smallest covers the rest of each group
-    in masked blocks: single rows while experts average at most 4 rows (XLA:CPU streams the weights past
-    one row at memory speed, but costs nearly as much for 2 rows as for two single rows), else a power of
-    two about one block per expert, up to SMALL_BLOCK. Before it come the sizes of BIG_BLOCKS that an
-    expert with twice the average rows fills (never more than all n rows)."""
+    """Row-block sizes for n rows over E experts, largest first: the sizes of BLOCKS that an expert with
+    twice the average rows fills (never more than all n rows), down to single rows while experts average
+    at most 4 rows (decode: XLA:CPU streams weights past one row at memory speed), to 4 while at most 16,
+    else to 8 (fewer loops to compile; a masked block of 8 costs little more than of 4)."""
     mean = -(-n // n_experts)
-    small = 1 if mean <= 4 else min(SMALL_BLOCK, 1 << (mean - 1).bit_length())
-    return tuple(b for b in BIG_BLOCKS if small < b <= min(2 * mean, n)) + (small,)
+    smallest = 1 if mean <= 4 else 4 if mean <= 16 else 8
+    return tuple(b for b in BLOCKS if smallest <= b <= min(2 * mean, n))
 
 
 @jax.custom_vjp

@@ -80,7 +80,7 @@ def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bou
     logits = np.asarray(model.logits([LONG + new]))[0, len(LONG) - 1 : -1]
     assert new == logits.argmax(-1).tolist()
     run = gen._Run(model, [LONG], 200, 0.0, None, None, 0, False, 8)
-    state = gen.prefill.eval_shape(model.graphdef, model.params, model.split_layers, *run.args, **run.static)
+    state = gen.prefill.eval_shape(model.graphdef, model.params, model.split, *run.args, **run.static)
     assert state.cache.k.shape[2] == 5 + 8 - 1  # window + chunk - 1 slots, not 213
 
 

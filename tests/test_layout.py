@@ -16,44 +16,46 @@ PROMPTS = [[1, 17, 42, 5, 88, 23, 9], [1, 60], [1, 3, 70, 71, 33, 12, 50, 8], [4
 
 @pytest.fixture(scope="module")
 def models():
-    split = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
-    return split, split.with_options(layout="stacked")
+    split_model = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
+    return split_model, split_model.with_options(layout="stacked")
 
 
 def test_split_buffers_are_per_layer_and_expert(models):
-    split, stacked = models
-    assert stacked.split_layers is None
-    layers = split.split_layers
+    split_model, stacked = models
+    assert stacked.split is None
+    layers = split_model.split.layers
     assert len(layers) == CFG.n_layers
     w1 = layers[0]["ffn"]["w1"].get_value()
-    assert isinstance(w1, tuple) and len(w1) == CFG.n_experts and w1[0].shape == (CFG.dim, CFG.ffn_dim)
+    assert isinstance(w1, tuple) and len(w1) == CFG.n_experts and w1[0].shape == (CFG.ffn_dim, CFG.dim)
     assert layers[1]["attn"]["wq"].get_value().shape == (CFG.dim, CFG.n_heads, CFG.head_dim)
     stacked_w1 = np.asarray(stacked.params["layers"]["ffn"]["w1"].get_value())
-    np.testing.assert_array_equal(np.asarray(layers[1]["ffn"]["w1"].get_value()[5]), stacked_w1[1, 5])
-    assert split.with_options(moe_impl="grouped").split_layers is layers  # shared, not copied again
+    np.testing.assert_array_equal(np.asarray(layers[1]["ffn"]["w1"].get_value()[5]), stacked_w1[1, 5].T)
+    head = np.asarray(stacked.params["lm_head"].get_value())
+    np.testing.assert_array_equal(np.asarray(split_model.split.head), head.T)  # output-major [V, D]
+    assert split_model.with_options(moe_impl="grouped").split is split_model.split  # shared, not copied again
 
 
 def test_split_logits_and_scores_equal_stacked(models):
-    split, stacked = models
+    split_model, stacked = models
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 21))
-    np.testing.assert_allclose(split.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(split.score(ids[0].tolist()), stacked.score(ids[0].tolist()), atol=2e-5)
+    np.testing.assert_allclose(split_model.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(split_model.score(ids[0].tolist()), stacked.score(ids[0].tolist()), atol=2e-5)
 
 
 @pytest.mark.parametrize("n_prompts", [1, 5])  # decode steps of 1 row (switch) and 8 rows (grouped blocks)
 def test_split_generate_equals_stacked(models, n_prompts):
-    split, stacked = models
+    split_model, stacked = models
     prompts = PROMPTS[:n_prompts]
-    assert split.generate(prompts, 10, stop_at_eos=False) == stacked.generate(prompts, 10, stop_at_eos=False)
+    assert split_model.generate(prompts, 10, stop_at_eos=False) == stacked.generate(prompts, 10, stop_at_eos=False)
 
 
 def test_split_int8_equals_stacked_int8(models):
-    split, stacked = (quant.quantize(m) for m in models)
+    split_model, stacked = (quant.quantize(m) for m in models)
     ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, 16))
-    assert isinstance(split.split_layers[0]["ffn"]["scales"]["w2"].get_value(), tuple)
-    assert stacked.split_layers is None
-    np.testing.assert_allclose(split.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
-    assert split.generate([PROMPTS[0]], 8) == stacked.generate([PROMPTS[0]], 8)
+    assert isinstance(split_model.split.layers[0]["ffn"]["scales"]["w2"].get_value(), tuple)
+    assert stacked.split is None
+    np.testing.assert_allclose(split_model.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
+    assert split_model.generate([PROMPTS[0]], 8) == stacked.generate([PROMPTS[0]], 8)
 
 
 def test_auto_splits_large_models_on_one_cpu_device_and_split_is_refused_on_a_mesh():
@@ -64,3 +66,10 @@ def test_auto_splits_large_models_on_one_cpu_device_and_split_is_refused_on_a_me
     assert layout.use_split(CFG.replace(layout="split"), None, 1)
     assert not layout.use_split(CFG, None, layout.SPLIT_FROM_BYTES - 1)  # the demo and test models
     assert layout.use_split(CFG, None, layout.SPLIT_FROM_BYTES) == (jax.devices()[0].platform == "cpu")
+
+
+def test_split_with_tied_embeddings_reads_the_embedder_as_head():
+    tied = mixtral_jax.init_random(CFG.replace(layout="split", tie_embeddings=True, n_layers=1), seed=4)
+    assert tied.split.head is None
+    ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (3, 5))
+    np.testing.assert_allclose(tied.logits(ids), tied.with_options(layout="stacked").logits(ids), atol=2e-5, rtol=1e-5)

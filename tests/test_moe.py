@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import config, moe
+from mixtral_jax import config, layout, moe
 
 
 def per_expert_loop(x, router, w1, w3, w2, top_k):
@@ -28,15 +28,15 @@ def per_expert_loop(x, router, w1, w3, w2, top_k):
 @pytest.mark.parametrize("impl", ["reference", "grouped", "decode", "auto"])
 @pytest.mark.parametrize("n_tokens,top_k", [(1, 1), (3, 2), (12, 2), (64, 2), (33, 3), (700, 2)])
 def test_dispatch_equals_per_expert_loop(impl, n_tokens, top_k, split):
-    """Both weight layouts; the CPU grouped path runs blocks of 3 and single rows (12 tokens), of 16
-    (64 tokens) and of 256, 64 and 16 rows (700 tokens)."""
+    """Both weight layouts; the CPU grouped path runs blocks of 2 and 1 rows (3 tokens), 4 to 1 (12), of 32,
+    8 and 4 (64 tokens) and of 256 (row form) down to 8 rows (700 tokens)."""
     cfg = config.preset("tiny").replace(dtype="float32", param_dtype="float32", top_k=top_k, moe_impl=impl)
     block = moe.MoE(cfg, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (1, n_tokens, cfg.dim))
     w = [np.asarray(p[...]) for p in (block.router, block.w1, block.w3, block.w2)]
     if split:
         for p in (block.w1, block.w3, block.w2):
-            p.set_value(tuple(p[...]))
+            p.set_value(layout.expert_buffers(p[...]))
     y, logits = block(x)
     expected = per_expert_loop(np.asarray(x[0]), *w, top_k)
     assert logits.dtype == jnp.float32
@@ -64,12 +64,12 @@ def test_router_runs_in_float32_for_bfloat16_models():
 
 
 def test_block_sizes_pad_little_and_use_big_blocks_where_experts_fill_them():
-    assert moe._block_sizes(2, 8) == (1,)  # decode, batch 1
-    assert moe._block_sizes(16, 8) == (3, 1)  # decode, batch 8
-    assert moe._block_sizes(64, 8) == (16, 8)  # decode, batch 32
-    assert moe._block_sizes(256, 8) == (64, 16)  # prefill of 128 tokens
-    assert moe._block_sizes(2048, 8) == (256, 64, 16)
-    assert moe._block_sizes(40, 1) == (16,)  # one local expert (expert parallelism): no block above 40 rows
+    assert moe._block_sizes(2, 8) == (2, 1)  # batch 1
+    assert moe._block_sizes(16, 8) == (4, 2, 1)  # decode, batch 8
+    assert moe._block_sizes(64, 8) == (8, 4)  # decode, batch 32
+    assert moe._block_sizes(256, 8) == (64, 32, 8)  # prefill of 128 tokens
+    assert moe._block_sizes(2048, 8) == (256, 64, 32, 8)
+    assert moe._block_sizes(40, 1) == (32, 8)  # one local expert (expert parallelism): no block above 40 rows
 
 
 def test_auto_choice_by_token_count():
