@@ -45,7 +45,8 @@ def compiled_bytes(length: int, one_chunk: bool = False) -> dict:
     model, run = _setup(length)
     static = dict(run.static, chunk=run.args[0].shape[1]) if one_chunk else run.static
     with model.context():
-        m = gen.prefill.lower(model.graphdef, model.params, model.split, *run.args, **static).compile().memory_analysis()
+        lowered = gen.prefill.lower(model.graphdef, model.params, model.split, *run.args, **static)
+        m = lowered.compile().memory_analysis()
     return {"slots": static["slots"], "chunk": static["chunk"], "temp": m.temp_size_in_bytes,
             "args_outputs": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes}
 

@@ -5,10 +5,10 @@ Legend: L layers, E experts, M rows, D model dim, V vocab.
 XLA:CPU copies any slice of an array before a matmul reads it, so on CPU a scan over stacked [L, ...]
 weights and experts picked out of [E, D, F] copy every weight a step reads: a decode step moves each byte
 three times instead of once. The split layout holds each layer's weights, and each expert's, in buffers of
-their own (the expert matrices and their int8 scales become tuples of E output-major arrays): the layers run unrolled
-and every matmul reads its weights where they lie. The LM head is held output-major too ([V, D]): XLA:CPU
-multiplies a few rows (a decode batch) by an output-major matrix up to twice as fast in column form
-(`times`). Stacked stays the public format (checkpoints, training, export, quantisation, expert
+their own (the expert matrices and their int8 scales become tuples of E output-major arrays): the layers
+run unrolled and every matmul reads its weights where they lie. The LM head is held output-major too
+([V, D]): XLA:CPU multiplies a few rows (a decode batch) by an output-major matrix up to twice as fast in
+column form (`times`). Stacked stays the public format (checkpoints, training, export, quantisation, expert
 parallelism); a model handle makes its split copy once, for inference.
 """
 
@@ -61,7 +61,7 @@ def split(cfg: ModelConfig, params: nnx.State) -> Split:
     per_leaf = jax.tree_util.tree_map_with_path(leaf, params["layers"])  # each leaf: L parts
     layers = tuple(jax.tree.map(lambda parts, i=i: parts[i], per_leaf, is_leaf=lambda v: isinstance(v, tuple))
                    for i in range(cfg.n_layers))
-    return Split(layers, None if cfg.tie_embeddings else _transpose(params["lm_head"].get_value()))
+    return Split(layers, None if cfg.tie_embeddings else params["lm_head"].get_value().T)
 
 
 def times(x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
@@ -77,11 +77,6 @@ def times(x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
 def expert_buffers(w: jax.Array) -> tuple[jax.Array, ...]:
     """Stacked experts [E, in, out] -> E output-major buffers [out, in]."""
     return tuple(w[i].T for i in range(w.shape[0]))
-
-
-@jax.jit
-def _transpose(w: jax.Array) -> jax.Array:
-    return w.T
 
 
 @jax.jit

@@ -37,9 +37,9 @@ class Int8Scales(nnx.Module):
         self.w2 = nnx.Param(w2, out_sharding=(sh.LAYERS, sh.EXP, None, sh.EMBED), eager_sharding=False)
 
     def values(self) -> tuple:
-        """The scales of w1, w3, w2 ([L, E, 1, out], in a layer [E, 1, out] or tuples of E in the split layout)."""
+        """The scales of w1, w3, w2: [L, E, 1, out]; in a layer [E, 1, out], or in the split layout tuples of
+        E arrays [out, 1] (`layout.split`)."""
         return self.w1.get_value(), self.w3.get_value(), self.w2.get_value()
-
 
 
 @jax.jit
