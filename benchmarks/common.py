@@ -78,15 +78,19 @@ def decode_step_bytes(cfg, batch: int, context: int, weight_bytes: float, kv_byt
 
 
 def prefill_flops_per_token(cfg, length: int, all_logits: bool = True) -> float:
-    """Multiply-add FLOPs per prompt token for a causal prefill of `length` tokens: weights times active
-    experts plus the causal attention (mean context (length + 1) / 2), and logits at every position
-    (`Mixtral.logits`) or only at the last one (`generate`, and transformers' `generate`)."""
-    d, f = cfg.dim, cfg.ffn_dim
-    attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * d
+    """FLOPs per prompt token a causal prefill of `length` tokens must do: weights times active experts
+    plus the causal attention (mean context (length + 1) / 2) in every layer, and logits at every position
+    (`Mixtral.logits`); or, with logits only at the last one (`generate`), of the last layer only the keys
+    and values at every position, the rest once."""
+    d, f, h = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    kv_w = 2 * d * cfg.n_kv_heads * h
+    attn_w = kv_w + 2 * d * cfg.n_heads * h
     moe = cfg.top_k * 3 * d * f + d * cfg.n_experts
-    attn_ctx = 2 * cfg.n_heads * cfg.head_dim * (length + 1) / 2
-    head = d * cfg.vocab_size / (1 if all_logits else length)
-    return 2 * (cfg.n_layers * (attn_w + moe + attn_ctx) + head)
+    attn_ctx = 2 * cfg.n_heads * h * (length + 1) / 2
+    if all_logits:
+        return 2 * (cfg.n_layers * (attn_w + moe + attn_ctx) + d * cfg.vocab_size)
+    last = kv_w + (attn_w - kv_w + moe + 2 * cfg.n_heads * h * length + d * cfg.vocab_size) / length
+    return 2 * ((cfg.n_layers - 1) * (attn_w + moe + attn_ctx) + last)
 
 
 # ---- ceilings ----------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """mixtral-jax against transformers' `MixtralForCausalLM` on one random-weight checkpoint, in alternation.
 
-Run: python -m benchmarks.vs_transformers [--batch 1 8] [--rounds 3] [--dtype float32]
+Run: python -m benchmarks.vs_transformers [--batch 1 8] [--rounds 3] [--dtype float32] [--prompt P] [--new N]
 
-For each batch size both libraries generate greedily from 128-token prompts: a 1-token call (the prefill
-and first token) and a 64-token call, alternating ours, theirs, ours, ... Prefill tokens/s is
-batch x 128 / t(1 token); decode tokens/s is batch x 63 / (t(64 tokens) - t(1 token)). Compile is our first
-1-token plus first 64-token call minus the steady ones (JAX compiles prefill and decode loop there).
+For each batch size both libraries generate greedily from P-token prompts (default 128): a 1-token call
+(the prefill and first token) and an N-token call (default 64), alternating ours, theirs, ours, ...
+Prefill tokens/s is batch x P / t(1 token); decode tokens/s is batch x (N - 1) / (t(N) - t(1)). Compile is
+our first 1-token plus first N-token call minus the steady ones (JAX compiles prefill and decode loop there).
 Limits: decode at measured read bandwidth / bytes one step must read (`common.decode_step_bytes`),
 prefill at measured matmul peak / FLOPs per prompt token (`common.prefill_flops_per_token`).
 Torch gets as many threads as XLA:CPU uses (one per core).
@@ -22,13 +22,10 @@ import numpy as np
 
 from benchmarks import common
 
-PROMPT, NEW = 128, 64
-
-
-def bench_batch(ours, theirs, batch: int, rounds: int) -> dict[str, float]:
+def bench_batch(ours, theirs, batch: int, rounds: int, prompt: int, new: int) -> dict[str, float]:
     import torch
 
-    ids = np.random.default_rng(batch).integers(3, ours.config.vocab_size, (batch, PROMPT))
+    ids = np.random.default_rng(batch).integers(3, ours.config.vocab_size, (batch, prompt))
     prompts = ids.tolist()
     x = torch.tensor(ids)
 
@@ -39,19 +36,19 @@ def bench_batch(ours, theirs, batch: int, rounds: int) -> dict[str, float]:
 
     start = time.perf_counter()
     ours.generate(prompts, 1, stop_at_eos=False)
-    ours.generate(prompts, NEW, stop_at_eos=False)
+    ours.generate(prompts, new, stop_at_eos=False)
     first = time.perf_counter() - start
     fns = {
         "ours_1": lambda: ours.generate(prompts, 1, stop_at_eos=False),
         "theirs_1": lambda: hf(1),
-        "ours_n": lambda: ours.generate(prompts, NEW, stop_at_eos=False),
-        "theirs_n": lambda: hf(NEW),
+        "ours_n": lambda: ours.generate(prompts, new, stop_at_eos=False),
+        "theirs_n": lambda: hf(new),
     }
     t = common.alternate(fns, rounds=rounds, warmup=0)
     out = {"compile_s": first - t["ours_1"] - t["ours_n"]}
     for who in ("ours", "theirs"):
-        out[f"{who}_prefill"] = batch * PROMPT / t[f"{who}_1"]
-        out[f"{who}_decode"] = batch * (NEW - 1) / (t[f"{who}_n"] - t[f"{who}_1"])
+        out[f"{who}_prefill"] = batch * prompt / t[f"{who}_1"]
+        out[f"{who}_decode"] = batch * (new - 1) / (t[f"{who}_n"] - t[f"{who}_1"])
     return out
 
 
@@ -60,6 +57,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=64, help="new tokens")
     args = parser.parse_args()
 
     import torch
@@ -79,10 +78,10 @@ def main() -> None:
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     rows = []
     for batch in args.batch:
-        r = bench_batch(ours, theirs, batch, args.rounds)
-        step_bytes = common.decode_step_bytes(cfg, batch, PROMPT + NEW // 2, weight_bytes, weight_bytes)
+        r = bench_batch(ours, theirs, batch, args.rounds, args.prompt, args.new)
+        step_bytes = common.decode_step_bytes(cfg, batch, args.prompt + args.new // 2, weight_bytes, weight_bytes)
         decode_limit = batch * bandwidth / step_bytes
-        prefill_limit = peak / common.prefill_flops_per_token(cfg, PROMPT, all_logits=False)
+        prefill_limit = peak / common.prefill_flops_per_token(cfg, args.prompt, all_logits=False)
         rows.append([
             batch, r["ours_prefill"], r["theirs_prefill"], r["ours_prefill"] / r["theirs_prefill"],
             r["ours_prefill"] / prefill_limit, r["ours_decode"], r["theirs_decode"],

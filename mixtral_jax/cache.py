@@ -1,10 +1,11 @@
 """The KV cache: a pytree that flows through the compiled decode loop.
 
-Legend: L layers, B batch, S cache slots, K KV heads, H head dim.
+Legend: L layers, B batch, K KV heads, S cache slots, H head dim.
 Slot `s` holds the token at position `p` with `p % S == s`, so a sliding-window model keeps a bounded ring
 buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask. With the
 split layer layout (`layout.py`) keys and values are L separate buffers, so each layer writes its own in
-place instead of a slice of one stacked array (which XLA:CPU copies).
+place instead of a slice of one stacked array (which XLA:CPU copies). Heads come before slots, the
+layout attention's batched matmuls read, so a decode step does not transpose the whole cache.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import jax.numpy as jnp
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 
-CACHE_AXES = (sh.LAYERS, sh.BATCH, sh.CACHE_LENGTH, sh.ACT_KV_HEADS, sh.HEAD_DIM)
+CACHE_AXES = (sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM)
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, H], or L arrays [B, S, K, H] (per_layer)
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L arrays [B, K, S, H] (per_layer)
     v: jax.Array | tuple[jax.Array, ...]
     pos: jax.Array  # [B, S] int32
 
@@ -31,7 +32,7 @@ class KVCache:
         """Room for `max_len` positions; a sliding window needs only `window + chunk - 1` slots, where
         `chunk` is the longest number of tokens written in one forward pass."""
         slots = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window + chunk - 1)
-        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
 
         def zeros() -> jax.Array | tuple[jax.Array, ...]:
             if per_layer:

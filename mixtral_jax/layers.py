@@ -34,6 +34,11 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
+def at_index(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, T, ...] at index [B] of each row -> [B, 1, ...]."""
+    return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding in the half-split layout ([B, T, heads, H], positions [B, T])."""
     half = x.shape[-1] // 2
@@ -54,14 +59,14 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, window: int | None) -> j
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32."""
+    """q [B, T, N, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
     scores = jnp.where(mask[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -82,23 +87,28 @@ class Attention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         slots: jax.Array | None = None,
         slot_pos: jax.Array | None = None,
+        keep: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] at positions [B, T] -> ([B, T, D], updated kv).
 
-        Without a cache, tokens attend to each other. With one (k, v [B, S, K, H]), the new keys are
+        Without a cache, tokens attend to each other. With one (k, v [B, K, S, H]), the new keys are
         written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every slot,
-        whose positions after the write are `slot_pos` [B, S].
+        whose positions after the write are `slot_pos` [B, S]. `keep` [B]: every token writes its key and
+        value, but only the one at this index of each row queries (output [B, 1, D]).
         """
         dtype = x.dtype
-        q = rope(jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dtype)), positions, self.theta)
+        q_x, q_pos = x, positions
+        if keep is not None:
+            q_x, q_pos = at_index(x, keep), at_index(positions, keep)
+        q = rope(jnp.einsum("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_pos, self.theta)
         k = rope(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         if kv is None:
-            keys, values, kv_pos = k, v, positions
+            keys, values, kv_pos = k.swapaxes(1, 2), v.swapaxes(1, 2), positions
         else:
-            batch = jnp.arange(x.shape[0])[:, None]
-            kv = tuple(c.at[batch, slots].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of [B, K, S, H]
+            kv = tuple(c.at[batch, :, slots].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
             keys, values, kv_pos = kv[0].astype(dtype), kv[1].astype(dtype), slot_pos
-        out = attend(q, keys, values, attention_mask(positions, kv_pos, self.window))
+        out = attend(q, keys, values, attention_mask(q_pos, kv_pos, self.window))
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), kv

@@ -15,7 +15,7 @@ from mixtral_jax import layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import Attention, RMSNorm, param
+from mixtral_jax.layers import Attention, RMSNorm, at_index, param
 from mixtral_jax.moe import MoE
 
 
@@ -41,9 +41,12 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg, rngs=rngs)
         self.ffn = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, kv=None, slots=None, slot_pos=None):
-        """x [B, T, D] -> (x, kv, router logits [B, T, E] or None)."""
-        h, kv = self.attn(self.attn_norm(x), positions, kv, slots, slot_pos)
+    def __call__(self, x, positions, kv=None, slots=None, slot_pos=None, keep=None):
+        """x [B, T, D] -> (x, kv, router logits [B, T, E] or None); with `keep` [B] every token writes the
+        cache but the rest runs at that index of each row only (x, router logits [B, 1, ...])."""
+        h, kv = self.attn(self.attn_norm(x), positions, kv, slots, slot_pos, keep)
+        if keep is not None:
+            x = at_index(x, keep)
         x = sh.constrain(x + h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
         y, router_logits = self.ffn(self.ffn_norm(x))
         return sh.constrain(x + y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), kv, router_logits
@@ -52,7 +55,7 @@ class DecoderLayer(nnx.Module):
 class Output(NamedTuple):
     logits: jax.Array  # [B, T, V] float32 (T = 1 with `logit_index`)
     cache: KVCache | None
-    router_logits: jax.Array | None  # [L, B, T, E] float32; None for a dense model
+    router_logits: jax.Array | None  # [L, B, T, E] float32; None for a dense model, or split with `logit_index`
 
 
 class Transformer(nnx.Module):
@@ -86,7 +89,9 @@ class Transformer(nnx.Module):
 
         With a cache, keys and values are written into it and attention spans all cached positions.
         `logit_index` [B] computes logits only at that index of each row (prefill). `split`: the weights in
-        the split layout (`layout.split`): layers run unrolled in place of the scanned stack.
+        the split layout (`layout.split`): layers run unrolled in place of the scanned stack, and with
+        `logit_index` the last layer computes keys and values at every position but the rest at that index
+        only (nothing else of it reaches the logits).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -100,9 +105,9 @@ class Transformer(nnx.Module):
             slots, cache = cache.slot_index(positions), cache.with_positions(positions)
             slot_pos = cache.pos
 
-        def body(x, xs):
+        def body(x, xs, keep=None):
             state, kv = xs
-            x, kv, router_logits = nnx.merge(graphdef, state)(x, positions, kv, slots, slot_pos)
+            x, kv, router_logits = nnx.merge(graphdef, state)(x, positions, kv, slots, slot_pos, keep)
             return x, (kv, router_logits)
 
         if self.remat:
@@ -111,11 +116,11 @@ class Transformer(nnx.Module):
         if split is None:
             x, (kv, router_logits) = jax.lax.scan(body, x, (layer_state, kv_in))
         else:
-            x, (kv, router_logits) = _unrolled(body, x, split.layers, kv_in)
+            x, (kv, router_logits) = _unrolled(body, x, split.layers, kv_in, logit_index)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1])
-        if logit_index is not None:
-            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
+        if logit_index is not None and split is None:
+            x = at_index(x, logit_index)
         x = self.final_norm(x)
         if split is None:
             head = self.embedder[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -128,15 +133,17 @@ class Transformer(nnx.Module):
         return Output(logits, cache, router_logits)
 
 
-def _unrolled(body, x, layers, kv):
+def _unrolled(body, x, layers, kv, keep=None):
     """`lax.scan(body, x, (stacked layers, kv))` as a Python loop over per-layer states and per-layer
-    cache buffers (`KVCache.create(per_layer=True)`), each updated in place."""
+    cache buffers (`KVCache.create(per_layer=True)`), each updated in place; the last layer gets `keep`
+    (router logits then None: its shape differs)."""
     keys, values, outs = [], [], []
     for i, state in enumerate(layers):
-        x, (kv_i, router_logits) = body(x, (state, None if kv is None else (kv[0][i], kv[1][i])))
+        last = keep if i == len(layers) - 1 else None
+        x, (kv_i, router_logits) = body(x, (state, None if kv is None else (kv[0][i], kv[1][i])), last)
         if kv is not None:
             keys.append(kv_i[0])
             values.append(kv_i[1])
         outs.append(router_logits)
     kv = None if kv is None else (tuple(keys), tuple(values))
-    return x, (kv, None if outs[0] is None else jnp.stack(outs))
+    return x, (kv, None if outs[0] is None or keep is not None else jnp.stack(outs))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mixtral_jax
-from mixtral_jax import config, layout, quant
+from mixtral_jax import config, generate, layout, quant
 from mixtral_jax.errors import MixtralError
 
 CFG = config.preset("tiny").replace(vocab_size=256, dtype="float32", param_dtype="float32")
@@ -42,11 +42,24 @@ def test_split_logits_and_scores_equal_stacked(models):
     np.testing.assert_allclose(split_model.score(ids[0].tolist()), stacked.score(ids[0].tolist()), atol=2e-5)
 
 
+def test_split_prefill_runs_the_last_layer_at_the_logit_index_only(models):
+    split_model, stacked = models
+    ids = jax.numpy.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (3, 12)))
+    index = jax.numpy.asarray([11, 4, 0])
+    pruned = split_model.module(ids, logit_index=index, split=split_model.split)
+    full = stacked.module(ids, logit_index=index)
+    assert pruned.logits.shape == (3, 1, CFG.vocab_size) and pruned.router_logits is None
+    np.testing.assert_allclose(pruned.logits, full.logits, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_prompts", [1, 5])  # decode steps of 1 row (switch) and 8 rows (grouped blocks)
 def test_split_generate_equals_stacked(models, n_prompts):
     split_model, stacked = models
     prompts = PROMPTS[:n_prompts]
     assert split_model.generate(prompts, 10, stop_at_eos=False) == stacked.generate(prompts, 10, stop_at_eos=False)
+    # prompts over several prefill chunks, rows ending in different ones
+    chunked = generate.generate(split_model, prompts, 4, stop_at_eos=False, chunk=4)
+    assert chunked == stacked.generate(prompts, 4, stop_at_eos=False)
 
 
 def test_split_int8_equals_stacked_int8(models):
