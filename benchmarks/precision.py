@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.vs_transformers import NEW, PROMPT
 
 
 def main() -> None:
@@ -30,14 +29,14 @@ def main() -> None:
     bf16 = mixtral_jax.load(folder, dtype="bfloat16")
     models = {"float32": f32, "bfloat16": bf16, "int8 experts, float32": quant.quantize(f32),
               "int8 experts, bfloat16": quant.quantize(bf16)}
-    ids = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, PROMPT))
+    ids = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, common.PROMPT))
     ref = np.asarray(jax.nn.log_softmax(f32.logits(ids)))
     prompt = ids[:1].tolist()
     fns = {}
     for name, model in models.items():
-        model.generate(prompt, NEW, stop_at_eos=False)
+        model.generate(prompt, common.NEW, stop_at_eos=False)
         fns[f"{name}/1"] = lambda m=model: m.generate(prompt, 1, stop_at_eos=False)
-        fns[f"{name}/n"] = lambda m=model: m.generate(prompt, NEW, stop_at_eos=False)
+        fns[f"{name}/n"] = lambda m=model: m.generate(prompt, common.NEW, stop_at_eos=False)
     t = common.alternate(fns, rounds=args.rounds)
     print(common.machine())
     rows = []
@@ -45,8 +44,8 @@ def main() -> None:
         got = np.asarray(jax.nn.log_softmax(model.logits(ids)))
         delta = np.abs(got - ref)
         expert_bytes = sum(model.params["layers"]["ffn"][w][...].nbytes for w in ("w1", "w3", "w2"))
-        rows.append([name, f"{expert_bytes / 1e6:.0f} MB", PROMPT / t[f"{name}/1"],
-                     (NEW - 1) / (t[f"{name}/n"] - t[f"{name}/1"]), float(delta.max()), float(delta.mean()),
+        rows.append([name, f"{expert_bytes / 1e6:.0f} MB", common.PROMPT / t[f"{name}/1"],
+                     (common.NEW - 1) / (t[f"{name}/n"] - t[f"{name}/1"]), float(delta.max()), float(delta.mean()),
                      float(np.mean(got.argmax(-1) == ref.argmax(-1)))])
         print(rows[-1], flush=True)
     print(common.table(["weights", "expert bytes", "prefill tok/s", "decode tok/s", "max |dlogp|",

@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=64, help="new tokens")
+    parser.add_argument("--prompt", type=int, default=common.PROMPT, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=common.NEW, help="new tokens")
     args = parser.parse_args()
 
     import torch
@@ -71,11 +71,11 @@ def main() -> None:
     ours = mixtral_jax.load(folder, dtype=args.dtype)
     theirs = MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     bandwidth = common.memory_bandwidth()["read"]
-    peak = common.matmul_peak()
+    peak = common.matmul_peak(dtype=args.dtype)
     cfg = ours.config
     weight_bytes = jnp.dtype(args.dtype).itemsize
     print(common.machine())
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     rows = []
     for batch in args.batch:
         r = bench_batch(ours, theirs, batch, args.rounds, args.prompt, args.new)

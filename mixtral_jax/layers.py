@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 
@@ -37,6 +38,15 @@ class RMSNorm(nnx.Module):
 def at_index(x: jax.Array, index: jax.Array) -> jax.Array:
     """x [B, T, ...] at index [B] of each row -> [B, 1, ...]."""
     return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for x [B, T, ...], accumulated in float32 and returned in `dtype` (default
+    x's): XLA:CPU widens the weights of a bfloat16 product with a bfloat16 result to float32 on every call.
+    A lone bfloat16 row runs as two (`layout.lone_bf16_row`)."""
+    if layout.lone_bf16_row(x.shape[0] * x.shape[1], x.dtype):
+        return dense(spec, jnp.concatenate([x, x]), w, dtype)[:1]
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -100,9 +110,9 @@ class Attention(nnx.Module):
         q_x, q_pos = x, positions
         if keep is not None:
             q_x, q_pos = at_index(x, keep), at_index(positions, keep)
-        q = rope(jnp.einsum("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_pos, self.theta)
-        k = rope(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+        q = rope(dense("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_pos, self.theta)
+        k = rope(dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
+        v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         if kv is None:
             keys, values, kv_pos = k.swapaxes(1, 2), v.swapaxes(1, 2), positions
@@ -111,4 +121,4 @@ class Attention(nnx.Module):
             kv = tuple(c.at[batch, :, slots].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
             keys, values, kv_pos = kv[0].astype(dtype), kv[1].astype(dtype), slot_pos
         out = attend(q, keys, values, attention_mask(q_pos, kv_pos, self.window))
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), kv
+        return dense("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), kv

@@ -15,7 +15,7 @@ from mixtral_jax import layout
 from mixtral_jax import sharding as sh
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import Attention, RMSNorm, at_index, param
+from mixtral_jax.layers import Attention, RMSNorm, at_index, dense, param
 from mixtral_jax.moe import MoE
 
 
@@ -30,8 +30,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
         w1, w3, w2 = (w[...].astype(x.dtype) for w in (self.w1, self.w3, self.w2))
-        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1)) * jnp.einsum("BTD,DF->BTF", x, w3)
-        return jnp.einsum("BTF,FD->BTD", h, w2), None
+        h = jax.nn.silu(dense("BTD,DF->BTF", x, w1)) * dense("BTD,DF->BTF", x, w3)
+        return dense("BTF,FD->BTD", h, w2), None
 
 
 class DecoderLayer(nnx.Module):
@@ -97,7 +97,7 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embedder[...][tokens].astype(dtype)
+        x = _rows(self.embedder[...], tokens).astype(dtype)
         x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
         graphdef, layer_state = nnx.split(self.layers)
         slots = slot_pos = None
@@ -124,13 +124,21 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         if split is None:
             head = self.embedder[...].T if cfg.tie_embeddings else self.lm_head[...]
-            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+            logits = dense("BTD,DV->BTV", x, head.astype(dtype), jnp.float32)
         else:
             head = self.embedder[...] if split.head is None else split.head  # [V, D]
             b, t, d = x.shape
             logits = layout.times(x.reshape(b * t, d), head.astype(dtype), jnp.float32).reshape(b, t, -1)
         logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
         return Output(logits, cache, router_logits)
+
+
+def _rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, D] at ids [B, T] -> [B, T, D]; 16-bit tables are gathered as raw bits (XLA:CPU widens a
+    bfloat16 table whole to float32 for a gather, and hoists that copy out of the decode loop)."""
+    if table.dtype.itemsize != 2:
+        return table[ids]
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[ids], table.dtype)
 
 
 def _unrolled(body, x, layers, kv, keep=None):

@@ -81,13 +81,13 @@ def _switched(x, experts, w1, w3, w2) -> jax.Array:
     """Each token's choices [T, k] run through `lax.switch` on the expert id, whose branch reads that
     expert's own buffers -> [T, k, D]."""
 
-    def branch(a, b, c, x):
-        return _swiglu(x, a(), b(), c(), "D,FD->F|F,DF->D")
+    def branch(a, b, c, x):  # x [1, D]
+        return layout.times(jax.nn.silu(layout.times(x, a())) * layout.times(x, b()), c())
 
     branches = [functools.partial(branch, a, b, c) for a, b, c in zip(w1, w3, w2)]
     t, k = experts.shape
-    y = [jax.lax.switch(experts[i, j], branches, x[i]) for i in range(t) for j in range(k)]
-    return jnp.stack(y).reshape(t, k, -1)
+    y = [jax.lax.switch(experts[i, j], branches, x[i:i + 1]) for i in range(t) for j in range(k)]
+    return jnp.concatenate(y).reshape(t, k, -1)
 
 
 def grouped(x, weights, experts, w1, w3, w2) -> jax.Array:
@@ -118,22 +118,28 @@ def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
     rows multiplies them in blocks, reading its weights once, output-major (`Experts`, `layout.times`).
     Blocks come in a few sizes C (`_block_sizes`), largest first: as many of a size as the rows left fill,
     one more when more than half of another would be filled (rows past the group masked), the smallest
-    size rounding up. Rows past the groups (the sentinel id E) stay zero. Products are float32 (XLA:CPU
-    has no fast bfloat16 matmul on most CPUs), each rounded to the input dtype as ragged_dot rounds."""
+    size rounding up. Rows past the groups (the sentinel id E) stay zero. Products take bfloat16 operands
+    where the CPU multiplies them (`layout.cpu_multiplies_bf16`), else float32 ones (XLA:CPU widens
+    bfloat16 slowly elsewhere); they accumulate in float32, each rounded to the input dtype as ragged_dot
+    rounds."""
     n, d = xs.shape
     n_experts = len(w1)
     dtype = xs.dtype
+    operand = dtype if dtype == jnp.bfloat16 and layout.cpu_multiplies_bf16() else jnp.float32
 
     def rounded(a: jax.Array) -> jax.Array:  # float32 math, rounded where ragged_dot rounds
         return a.astype(dtype).astype(jnp.float32)
 
+    def product(a, w):  # float32 [C, out]
+        return layout.times(a.astype(operand), w, jnp.float32)
+
     sizes = _block_sizes(n, n_experts)
     starts = jnp.cumsum(group_sizes) - group_sizes
-    xs = jnp.pad(xs.astype(jnp.float32), ((0, sizes[0]), (0, 0)))
+    xs = jnp.pad(xs.astype(operand), ((0, sizes[0]), (0, 0)))
 
     def ffn(rows, w1e, w3e, w2e):  # rows [C, D]; w1e, w3e [F, D], w2e [D, F]
-        h = rounded(jax.nn.silu(rounded(layout.times(rows, w1e))) * rounded(layout.times(rows, w3e)))  # [C, F]
-        return rounded(layout.times(h, w2e))
+        h = rounded(jax.nn.silu(rounded(product(rows, w1e))) * rounded(product(rows, w3e)))  # [C, F]
+        return rounded(product(h, w2e))
 
     def blocks(e, w, block, first, count, ys):
         """`count` blocks of C = `block` rows of expert e from its row `first` on; rows past the group masked."""
@@ -149,7 +155,7 @@ def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
         return jax.lax.fori_loop(0, count, one_block, ys)
 
     def used_expert(e, ys):  # a stacked expert is copied (transposed) from its static slice, a split one read
-        w = tuple((w[e]() if isinstance(w, tuple) else w[e].T).astype(jnp.float32) for w in (w1, w3, w2))
+        w = tuple((w[e]() if isinstance(w, tuple) else w[e].T).astype(operand) for w in (w1, w3, w2))
         first = jnp.int32(0)
         for i, block in enumerate(sizes):
             left = jnp.maximum(group_sizes[e] - first, 0)

@@ -1,5 +1,6 @@
 """The split runtime layout (per-layer, per-expert buffers) computes what the stacked layout computes."""
 
+import re
 import types
 
 import jax
@@ -60,6 +61,40 @@ def test_split_generate_equals_stacked(models, n_prompts):
     # prompts over several prefill chunks, rows ending in different ones
     chunked = generate.generate(split_model, prompts, 4, stop_at_eos=False, chunk=4)
     assert chunked == stacked.generate(prompts, 4, stop_at_eos=False)
+
+
+@pytest.mark.skipif(not layout.cpu_multiplies_bf16(), reason="bfloat16 operands are kept on AMX CPUs only")
+@pytest.mark.parametrize("n_prompts", [1, 5])  # decode steps of one row (lone rows doubled) and of eight
+def test_bf16_programs_never_widen_a_weight(n_prompts):
+    """XLA:CPU widens to float32 the weights of a bfloat16 product with a bfloat16 result or of one row, and
+    a whole embedding table read through a widening gather: no weight-shaped float32 array is left."""
+    cfg = CFG.replace(vocab_size=250, dim=40, ffn_dim=72, dtype="bfloat16", param_dtype="bfloat16",
+                      layout="split")  # weight shapes no activation has
+    model = mixtral_jax.init_random(cfg, seed=3)
+    run = generate._Run(model, PROMPTS[:n_prompts], 4, 0.0, None, None, 0, False, generate.DEFAULT_CHUNK)
+    weights = (model.graphdef, model.params, model.split)
+    state = run.prefill()
+    programs = {"prefill": generate.prefill.lower(*weights, *run.args, **run.static),
+                "decode": generate.decode.lower(*weights, state, np.int32(4), run.args[-1])}
+    d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    shapes = [f"f32[{a},{b}]{{" for a, b in ((f, d), (d, f), (v, d), (d, v))]
+    shapes.append(f"f32[{d},{cfg.n_heads},{cfg.head_dim}]{{")
+    for name, program in programs.items():
+        arrays = _materialised(program.compile().as_text())
+        assert [a for a in arrays if any(a.startswith(s) for s in shapes)] == [], name
+
+
+def _materialised(hlo: str) -> list[str]:
+    """Shapes of the arrays an optimised HLO module writes to memory: instruction outputs outside fused
+    computations (a fusion's inner ops write nothing)."""
+    fused = set(re.findall(r" fusion\(.*?calls=%([\w.\-]+)", hlo))
+    shapes, inside = [], False
+    for line in hlo.splitlines():
+        if line.rstrip().endswith("{") and not line.startswith(" "):
+            inside = line.split()[0 if line.startswith("%") else 1].lstrip("%") in fused
+        elif not inside and (m := re.match(r"\s+(?:ROOT )?%[\w.\-]+ = (\w+\[[\d,]*\]\{)", line)):
+            shapes.append(m.group(1))
+    return shapes
 
 
 def test_split_int8_equals_stacked_int8(models):
