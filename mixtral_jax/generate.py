@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK = 256
 MIN_BUCKET = 16
+# XLA:CPU's copy insertion without region analysis copies each loop-carried cache buffer twice a decode step
+# (O(cache) traffic per token); other backends ignore the option.
+LOOP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @flax.struct.dataclass
@@ -72,7 +75,8 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
     return jnp.where(pos < lengths[:, None], pos, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"),
+                   compiler_options=LOOP_OPTIONS)
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array,
             limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
             cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
@@ -114,7 +118,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array,
     )
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state")
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state", compiler_options=LOOP_OPTIONS)
 def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState, stop: jax.Array,
            sampler: Sampler) -> DecodeState:
     """Decode one token per row per step until step `stop`, the limit, or every row is done."""
@@ -139,7 +143,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState,
     return jax.lax.while_loop(running, step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"), compiler_options=LOOP_OPTIONS)
 def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array, *,
                    cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
     """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),

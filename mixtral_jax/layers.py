@@ -6,6 +6,8 @@ head (N = K * G), H head dim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -68,16 +70,32 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, window: int | None) -> j
     return mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, T, N, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, N, H]; softmax in float32."""
+def attend(q: jax.Array, parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """q [B, T, N, H] over parts of keys and values, each (k [B, K, H, S_i], v [B, K, S_i, H], mask
+    [B, T, S_i]), as over their concatenation -> [B, T, N * H]; one softmax over all parts, in float32.
+
+    A single query row (decode) multiplies and sums in one pass over the cache: as batched matmuls,
+    XLA:CPU transposed a cache buffer every step to the layout its kernel takes."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = parts[0][0].shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
-    scores = jnp.where(mask[:, None, None], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    if t == 1:
+        q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
+        qk = [jnp.sum(q1[..., None] * k[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None] for k, _, _ in parts]
+    else:
+        qk = [jnp.einsum("BTKGH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32) for k, _, _ in parts]
+    scores = jnp.concatenate([jnp.where(mask[:, None, None], x, MASKED) for x, (_, _, mask) in zip(qk, parts)],
+                             axis=-1) * h**-0.5  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1)
+    out, start = 0, 0
+    for _, v, _ in parts:
+        p = probs[..., start:start + v.shape[2]]
+        start += v.shape[2]
+        if t == 1:
+            out = out + jnp.sum(p[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None]
+        else:
+            out = out + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v)
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
 
 
 class Attention(nnx.Module):
@@ -101,10 +119,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] at positions [B, T] -> ([B, T, D], updated kv).
 
-        Without a cache, tokens attend to each other. With one (k, v [B, K, S, H]), the new keys are
-        written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every slot,
-        whose positions after the write are `slot_pos` [B, S]. `keep` [B]: every token writes its key and
-        value, but only the one at this index of each row queries (output [B, 1, D]).
+        Without a cache, tokens attend to each other. With one (k [B, K, H, S], v [B, K, S, H]), the new
+        keys are written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every
+        slot, whose positions after the write are `slot_pos` [B, S]; a single token (decode) attends to the
+        cache as it was and to itself, so the write does not have to precede (and copy) the reads. `keep`
+        [B]: every token writes its key and value, but only the one at this index of each row queries
+        (output [B, 1, D]).
         """
         dtype = x.dtype
         q_x, q_pos = x, positions
@@ -114,11 +134,22 @@ class Attention(nnx.Module):
         k = rope(dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
         v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
+        keys, values = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)  # [B, K, H, T], [B, K, T, H]
+        own = attention_mask(q_pos, positions, self.window)
         if kv is None:
-            keys, values, kv_pos = k.swapaxes(1, 2), v.swapaxes(1, 2), positions
+            parts = [(keys, values, own)]
         else:
-            batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of [B, K, S, H]
-            kv = tuple(c.at[batch, :, slots].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
-            keys, values, kv_pos = kv[0].astype(dtype), kv[1].astype(dtype), slot_pos
-        out = attend(q, keys, values, attention_mask(q_pos, kv_pos, self.window))
-        return dense("BTNH,NHD->BTD", out, self.wo[...].astype(dtype)), kv
+            batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of the cache
+            written = (kv[0].at[batch, :, :, slots].set(k.astype(kv[0].dtype), mode="drop"),
+                       kv[1].at[batch, :, slots].set(v.astype(kv[1].dtype), mode="drop"))
+            cached = attention_mask(q_pos, slot_pos, self.window)
+            if x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
+                cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
+                parts = [(kv[0].astype(dtype), kv[1].astype(dtype), cached), (keys, values, own)]
+            else:
+                parts = [(written[0].astype(dtype), written[1].astype(dtype), cached)]
+            kv = written
+        out = attend(q, parts)  # [B, T, N * H]
+        # wo as [N * H, D] (a free reshape): contracted as [N, H, D], XLA:CPU transposed it every decode step
+        wo = self.wo[...].astype(dtype)
+        return dense("BTX,XD->BTD", out, wo.reshape(-1, wo.shape[-1])), kv

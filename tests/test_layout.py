@@ -84,17 +84,18 @@ def test_bf16_programs_never_widen_a_weight(n_prompts):
         assert [a for a in arrays if any(a.startswith(s) for s in shapes)] == [], name
 
 
-def _materialised(hlo: str) -> list[str]:
+def _materialised(hlo: str, ops: bool = False) -> list:
     """Shapes of the arrays an optimised HLO module writes to memory: instruction outputs outside fused
-    computations (a fusion's inner ops write nothing)."""
+    computations (a fusion's inner ops write nothing); with `ops`, (opcode, shape) pairs, a fusion's
+    opcode its name (`select_dynamic-update-slice_fusion.2`: named after what it fuses)."""
     fused = set(re.findall(r" fusion\(.*?calls=%([\w.\-]+)", hlo))
-    shapes, inside = [], False
+    found, inside = [], False
     for line in hlo.splitlines():
         if line.rstrip().endswith("{") and not line.startswith(" "):
             inside = line.split()[0 if line.startswith("%") else 1].lstrip("%") in fused
-        elif not inside and (m := re.match(r"\s+(?:ROOT )?%[\w.\-]+ = (\w+\[[\d,]*\]\{)", line)):
-            shapes.append(m.group(1))
-    return shapes
+        elif not inside and (m := re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\]\{)\S* ([\w\-]+)", line)):
+            found.append((m.group(1) if m.group(3) == "fusion" else m.group(3), m.group(2)) if ops else m.group(2))
+    return found
 
 
 def test_split_int8_equals_stacked_int8(models):
@@ -121,3 +122,19 @@ def test_split_with_tied_embeddings_reads_the_embedder_as_head():
     assert tied.split.head is None
     ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (3, 5))
     np.testing.assert_allclose(tied.logits(ids), tied.with_options(layout="stacked").logits(ids), atol=2e-5, rtol=1e-5)
+
+
+
+def test_split_decode_step_copies_no_cache_buffer():
+    """A decode step writes one position of each layer's keys and values in place: nothing else of a
+    cache buffer's size is written (XLA:CPU copied each buffer twice a step for a write ahead of the reads,
+    and transposed one for a layout other than its batched matmuls take)."""
+    model = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
+    run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, generate.DEFAULT_CHUNK)
+    state = run.prefill()
+    hlo = generate.decode.lower(model.graphdef, model.params, model.split, state, np.int32(40),
+                                run.args[-1]).compile().as_text()
+    cache = {f"f32[{','.join(map(str, buf.shape))}]{{" for buf in (state.cache.k[0], state.cache.v[0])}
+    writes = [op for op, shape in _materialised(hlo, ops=True) if shape in cache]
+    assert writes and all(op.startswith(("get-tuple-element", "parameter", "select_dynamic-update-slice_fusion"))
+                          for op in writes), sorted(set(writes))
