@@ -66,10 +66,10 @@ def test_router_runs_in_float32_for_bfloat16_models():
 def test_block_sizes_pad_little_and_use_big_blocks_where_experts_fill_them():
     assert moe._block_sizes(2, 8) == (2, 1)  # batch 1
     assert moe._block_sizes(16, 8) == (4, 2, 1)  # decode, batch 8
-    assert moe._block_sizes(64, 8) == (8, 4)  # decode, batch 32
-    assert moe._block_sizes(256, 8) == (64, 32, 8)  # prefill of 128 tokens
-    assert moe._block_sizes(2048, 8) == (256, 64, 32, 8)
-    assert moe._block_sizes(40, 1) == (32, 8)  # one local expert (expert parallelism): no block above 40 rows
+    assert moe._block_sizes(64, 8) == (16, 8, 4)  # decode, batch 32
+    assert moe._block_sizes(256, 8) == (64, 48, 32, 16, 8)  # prefill of 128 tokens
+    assert moe._block_sizes(2048, 8) == (256, 64, 48, 32, 16, 8)
+    assert moe._block_sizes(40, 1) == (32, 16, 8)  # one local expert (expert parallelism): no block above 40 rows
 
 
 def test_auto_choice_by_token_count():
