@@ -4,8 +4,9 @@ Legend: L layers, B batch, K KV heads, S cache slots, H head dim.
 Slot `s` holds the token at position `p` with `p % S == s`, so a sliding-window model keeps a bounded ring
 buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask. With the
 split layer layout (`layout.py`) keys and values are L separate buffers, so each layer writes its own in
-place instead of a slice of one stacked array (which XLA:CPU copies). Heads come before slots, the
-layout attention's batched matmuls read, so a decode step does not transpose the whole cache.
+place instead of a slice of one stacked array (which XLA:CPU copies). Each buffer is laid out as
+attention's batched matmuls read it, keys [B, K, H, S] and values [B, K, S, H], so a decode step does not
+transpose the whole cache.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import jax.numpy as jnp
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 
-CACHE_AXES = (sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM)
+K_AXES = (sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.HEAD_DIM, sh.CACHE_LENGTH)
+V_AXES = (sh.LAYERS, sh.BATCH, sh.ACT_KV_HEADS, sh.CACHE_LENGTH, sh.HEAD_DIM)
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L arrays [B, K, S, H] (per_layer)
-    v: jax.Array | tuple[jax.Array, ...]
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, K, H, S], or L arrays [B, K, H, S] (per_layer)
+    v: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, H], or L arrays [B, K, S, H]
     pos: jax.Array  # [B, S] int32
 
     @classmethod
@@ -32,15 +34,15 @@ class KVCache:
         """Room for `max_len` positions; a sliding window needs only `window + chunk - 1` slots, where
         `chunk` is the longest number of tokens written in one forward pass."""
         slots = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window + chunk - 1)
-        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
+        k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, slots)
+        v_shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
 
-        def zeros() -> jax.Array | tuple[jax.Array, ...]:
+        def zeros(shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array | tuple[jax.Array, ...]:
             if per_layer:
-                return tuple(sh.constrain(jnp.zeros(shape, dtype or cfg.dtype), CACHE_AXES[1:])
-                             for _ in range(cfg.n_layers))
-            return sh.constrain(jnp.zeros((cfg.n_layers, *shape), dtype or cfg.dtype), CACHE_AXES)
+                return tuple(sh.constrain(jnp.zeros(shape, dtype or cfg.dtype), axes[1:]) for _ in range(cfg.n_layers))
+            return sh.constrain(jnp.zeros((cfg.n_layers, *shape), dtype or cfg.dtype), axes)
 
-        return cls(k=zeros(), v=zeros(), pos=jnp.full((batch, slots), -1, jnp.int32))
+        return cls(k=zeros(k_shape, K_AXES), v=zeros(v_shape, V_AXES), pos=jnp.full((batch, slots), -1, jnp.int32))
 
     @property
     def slots(self) -> int:

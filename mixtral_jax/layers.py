@@ -71,8 +71,8 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, window: int | None) -> j
 
 
 def attend(q: jax.Array, parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """q [B, T, N, H] over parts of keys and values, each (k, v [B, K, S_i, H], mask [B, T, S_i]), as over
-    their concatenation -> [B, T, N * H]; one softmax over all parts, in float32.
+    """q [B, T, N, H] over parts of keys and values, each (k [B, K, H, S_i], v [B, K, S_i, H], mask
+    [B, T, S_i]), as over their concatenation -> [B, T, N * H]; one softmax over all parts, in float32.
 
     A single query row (decode) multiplies and sums in one pass over the cache: as batched matmuls,
     XLA:CPU transposed a cache buffer every step to the layout its kernel takes."""
@@ -81,10 +81,10 @@ def attend(q: jax.Array, parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     if t == 1:
         q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
-        qk = [jnp.sum(q1[:, :, :, None] * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
-              for k, _, _ in parts]
-    else:
-        qk = [jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) for k, _, _ in parts]
+        qk = [jnp.sum(q1[..., None] * k[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None] for k, _, _ in parts]
+    else:  # keys as [B, K, S, H] behind a barrier: XLA:CPU has no bfloat16 kernel for the product over [B, K, H, S]
+        qk = [jnp.einsum("BTKGH,BKSH->BKGTS", q, jax.lax.optimization_barrier(k.swapaxes(2, 3)),
+                         preferred_element_type=jnp.float32) for k, _, _ in parts]
     scores = jnp.concatenate([jnp.where(mask[:, None, None], x, MASKED) for x, (_, _, mask) in zip(qk, parts)],
                              axis=-1) * h**-0.5  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1)
@@ -120,8 +120,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] at positions [B, T] -> ([B, T, D], updated kv).
 
-        Without a cache, tokens attend to each other. With one (k, v [B, K, S, H]), the new keys are
-        written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every
+        Without a cache, tokens attend to each other. With one (k [B, K, H, S], v [B, K, S, H]), the new
+        keys are written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every
         slot, whose positions after the write are `slot_pos` [B, S]; a single token (decode) attends to the
         cache as it was and to itself, so the write does not have to precede (and copy) the reads. `keep`
         [B]: every token writes its key and value, but only the one at this index of each row queries
@@ -135,13 +135,14 @@ class Attention(nnx.Module):
         k = rope(dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
         v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
-        keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, H]
+        keys, values = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)  # [B, K, H, T], [B, K, T, H]
         own = attention_mask(q_pos, positions, self.window)
         if kv is None:
             parts = [(keys, values, own)]
         else:
             batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of the cache
-            written = tuple(c.at[batch, :, slots].set(new.astype(c.dtype), mode="drop") for c, new in zip(kv, (k, v)))
+            written = (kv[0].at[batch, :, :, slots].set(k.astype(kv[0].dtype), mode="drop"),
+                       kv[1].at[batch, :, slots].set(v.astype(kv[1].dtype), mode="drop"))
             cached = attention_mask(q_pos, slot_pos, self.window)
             if x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
                 cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]

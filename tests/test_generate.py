@@ -81,7 +81,7 @@ def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bou
     assert new == logits.argmax(-1).tolist()
     run = gen._Run(model, [LONG], 200, 0.0, None, None, 0, False, 8)
     state = gen.prefill.eval_shape(model.graphdef, model.params, model.split, *run.args, **run.static)
-    assert state.cache.pos.shape[1] == state.cache.k.shape[3] == 5 + 8 - 1  # window + chunk - 1 slots, not 213
+    assert state.cache.pos.shape[1] == state.cache.v.shape[-2] == 5 + 8 - 1  # window + chunk - 1 slots, not 213
 
 
 def test_rows_stop_at_their_first_eos(model, greedy):

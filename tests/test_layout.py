@@ -127,7 +127,6 @@ def test_split_with_tied_embeddings_reads_the_embedder_as_head():
     np.testing.assert_allclose(tied.logits(ids), tied.with_options(layout="stacked").logits(ids), atol=2e-5, rtol=1e-5)
 
 
-
 def test_split_decode_step_copies_no_cache_buffer():
     """A decode step writes one position of each layer's keys and values in place: nothing else of a
     cache buffer's size is written (XLA:CPU copied each buffer twice a step for a write ahead of the reads,
