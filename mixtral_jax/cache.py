@@ -4,9 +4,9 @@ Legend: L layers, B batch, K KV heads, S cache slots, H head dim.
 Slot `s` holds the token at position `p` with `p % S == s`, so a sliding-window model keeps a bounded ring
 buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask. With the
 split layer layout (`layout.py`) keys and values are L separate buffers, so each layer writes its own in
-place instead of a slice of one stacked array (which XLA:CPU copies). Each buffer is laid out as
-attention's batched matmuls read it, keys [B, K, H, S] and values [B, K, S, H], so a decode step does not
-transpose the whole cache.
+place instead of a slice of one stacked array (which XLA:CPU copies). Keys are [B, K, H, S] and values
+[B, K, S, H]: decode's fused multiply-sum (`layers.attend`) reads both where they lie, summing over a
+major axis with the slots vectorised.
 """
 
 from __future__ import annotations
