@@ -17,6 +17,8 @@ from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 
 MASKED = float(jnp.finfo(jnp.float32).min)
+# A prefill chunk attends to the cache in blocks of this many slots, up to its last position (`attend_blocks`).
+KEY_BLOCK = 256
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: str,
@@ -74,29 +76,79 @@ def attend(q: jax.Array, parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]
     """q [B, T, N, H] over parts of keys and values, each (k [B, K, H, S_i], v [B, K, S_i, H], mask
     [B, T, S_i]), as over their concatenation -> [B, T, N * H]; one softmax over all parts, in float32.
 
-    A single query row (decode) multiplies and sums in one pass over the cache: as batched matmuls,
-    XLA:CPU transposed a cache buffer every step to the layout its kernel takes."""
-    b, t, n, h = q.shape
-    kv_heads = parts[0][0].shape[1]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    if t == 1:
-        q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
-        qk = [jnp.sum(q1[..., None] * k[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None] for k, _, _ in parts]
-    else:  # keys as [B, K, S, H] behind a barrier: XLA:CPU has no bfloat16 kernel for the product over [B, K, H, S]
-        qk = [jnp.einsum("BTKGH,BKSH->BKGTS", q, jax.lax.optimization_barrier(k.swapaxes(2, 3)),
-                         preferred_element_type=jnp.float32) for k, _, _ in parts]
-    scores = jnp.concatenate([jnp.where(mask[:, None, None], x, MASKED) for x, (_, _, mask) in zip(qk, parts)],
-                             axis=-1) * h**-0.5  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1)
+    Each KV head's G query heads and T rows form Q = G * T rows, so scores [B, K, Q, S] come out of the
+    products in the layout the softmax reads: with T and S apart XLA:CPU transposed every chunk's scores
+    (2.5x the attention's time at 1k tokens). A single query row (decode) multiplies and sums in one pass
+    over the cache: as batched matmuls, XLA:CPU transposed a cache buffer every step."""
+    rows = _query_rows(q, parts[0][0].shape[1])
+    probs = jax.nn.softmax(jnp.concatenate([_scores(rows, k, mask) for k, _, mask in parts], axis=-1), axis=-1)
     out, start = 0, 0
     for _, v, _ in parts:
-        p = probs[..., start:start + v.shape[2]]
+        out = out + _weighted(probs[..., start:start + v.shape[2]], v, q.shape[1])
         start += v.shape[2]
-        if t == 1:
-            out = out + jnp.sum(p[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None]
-        else:
-            out = out + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v)
-    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
+    return _heads(out, q)
+
+
+def attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, slot_pos: jax.Array,
+                  window: int | None, block: int) -> jax.Array:
+    """`attend(q, [(k, v, mask)])` over a cache (k [B, K, H, S], v [B, K, S, H], slot positions [B, S]) in
+    blocks of `block` slots, with a running softmax, and only up to the slot of the last query position
+    q_pos [B, T] (all S slots once positions pass S): a prefill chunk skips the slots after it."""
+    slots = k.shape[-1]
+    rows = _query_rows(q, k.shape[1])
+    n_blocks = jnp.clip(jnp.max(q_pos) // block + 1, 1, slots // block)
+
+    def body(j, carry):  # running max m and sum l [B, K, Q, 1], output acc [B, K, Q, H], all float32
+        m, l, acc = carry
+        start = j * block
+        mask = attention_mask(q_pos, jax.lax.dynamic_slice_in_dim(slot_pos, start, block, axis=1), window)
+        s = _scores(rows, jax.lax.dynamic_slice_in_dim(k, start, block, axis=3), mask)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m_new)  # masked scores (MASKED) give 0 once a row has seen a key
+        scale = jnp.exp(m - m_new)
+        acc = acc * scale + _weighted(p, jax.lax.dynamic_slice_in_dim(v, start, block, axis=2), q.shape[1])
+        return m_new, l * scale + jnp.sum(p, axis=-1, keepdims=True), acc
+
+    m = jnp.full(rows.shape[:-1] + (1,), MASKED, jnp.float32)
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, jnp.zeros_like(m), jnp.zeros(rows.shape, jnp.float32)))
+    return _heads(acc / l, q)
+
+
+def key_block(slots: int) -> int | None:
+    """The block size `attend_blocks` takes over S slots: the largest power of two dividing S, at most
+    KEY_BLOCK; None (one pass over all slots) when S holds fewer than two such blocks or they are small."""
+    block = min(KEY_BLOCK, slots & -slots)
+    return block if block >= KEY_BLOCK // 4 and slots >= 2 * block else None
+
+
+def _query_rows(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q [B, T, N, H] -> [B, K, Q, H], Q = G * T (G-major)."""
+    b, t, n, h = q.shape
+    return q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
+
+
+def _scores(rows: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled scores [B, K, Q, S] float32 of rows [B, K, Q, H] against k [B, K, H, S]; MASKED off mask
+    [B, T, S]."""
+    if mask.shape[1] == 1:  # one query row
+        qk = jnp.sum(rows.astype(jnp.float32)[..., None] * k[:, :, None].astype(jnp.float32), axis=-2)
+    else:
+        qk = jnp.einsum("BKQH,BKHS->BKQS", rows, k, preferred_element_type=jnp.float32)
+        mask = jnp.tile(mask, (1, rows.shape[2] // mask.shape[1], 1))  # [B, Q, S]
+    return jnp.where(mask[:, None], qk * rows.shape[-1] ** -0.5, MASKED)
+
+
+def _weighted(p: jax.Array, v: jax.Array, t: int) -> jax.Array:
+    """Probabilities p [B, K, Q, S] float32 of t query rows times v [B, K, S, H] -> [B, K, Q, H] float32."""
+    if t == 1:
+        return jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
+    return jnp.einsum("BKQS,BKSH->BKQH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _heads(out: jax.Array, q: jax.Array) -> jax.Array:
+    """out [B, K, Q, H] float32 for q [B, T, N, H] -> [B, T, N * H] in q's dtype."""
+    b, t, n, h = q.shape
+    return out.reshape(b, out.shape[1], -1, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -121,9 +173,10 @@ class Attention(nnx.Module):
         """x [B, T, D] at positions [B, T] -> ([B, T, D], updated kv).
 
         Without a cache, tokens attend to each other. With one (k [B, K, H, S], v [B, K, S, H]), the new
-        keys are written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to every
-        slot, whose positions after the write are `slot_pos` [B, S]; a single token (decode) attends to the
-        cache as it was and to itself, so the write does not have to precede (and copy) the reads. `keep`
+        keys are written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to the
+        slots, whose positions after the write are `slot_pos` [B, S], in blocks up to the last query position
+        (`attend_blocks`); a single token (decode) attends to the cache as it was and to itself, so the
+        write does not have to precede (and copy) the reads. `keep`
         [B]: every token writes its key and value, but only the one at this index of each row queries
         (output [B, 1, D]).
         """
@@ -136,21 +189,25 @@ class Attention(nnx.Module):
         v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         keys, values = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)  # [B, K, H, T], [B, K, T, H]
-        own = attention_mask(q_pos, positions, self.window)
         if kv is None:
-            parts = [(keys, values, own)]
+            out = attend(q, [(keys, values, attention_mask(q_pos, positions, self.window))])  # [B, T, N * H]
         else:
             batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of the cache
             written = (kv[0].at[batch, :, :, slots].set(k.astype(kv[0].dtype), mode="drop"),
                        kv[1].at[batch, :, slots].set(v.astype(kv[1].dtype), mode="drop"))
-            cached = attention_mask(q_pos, slot_pos, self.window)
+            block = key_block(slot_pos.shape[1])
             if x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
+                cached = attention_mask(q_pos, slot_pos, self.window)
                 cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
-                parts = [(kv[0].astype(dtype), kv[1].astype(dtype), cached), (keys, values, own)]
+                own = attention_mask(q_pos, positions, self.window)
+                out = attend(q, [(kv[0].astype(dtype), kv[1].astype(dtype), cached), (keys, values, own)])
+            elif block is None:
+                out = attend(q, [(written[0].astype(dtype), written[1].astype(dtype),
+                                  attention_mask(q_pos, slot_pos, self.window))])
             else:
-                parts = [(written[0].astype(dtype), written[1].astype(dtype), cached)]
+                out = attend_blocks(q, written[0].astype(dtype), written[1].astype(dtype), q_pos, slot_pos,
+                                    self.window, block)
             kv = written
-        out = attend(q, parts)  # [B, T, N * H]
         # wo as [N * H, D] (a free reshape): contracted as [N, H, D], XLA:CPU transposed it every decode step
         wo = self.wo[...].astype(dtype)
         return dense("BTX,XD->BTD", out, wo.reshape(-1, wo.shape[-1])), kv

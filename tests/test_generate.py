@@ -13,6 +13,7 @@ from transformers import MixtralForCausalLM
 
 import mixtral_jax
 from mixtral_jax import generate as gen
+from mixtral_jax import layers
 from mixtral_jax.errors import MixtralError
 from tests import reference
 
@@ -64,12 +65,22 @@ def test_cached_decode_equals_full_forward(model):
     assert new == logits.argmax(-1).tolist()
 
 
-def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral):
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 37).tolist()
+@pytest.mark.parametrize("length, chunks", [(37, (8, 256)), (150, (32, 256))])
+def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral, length, chunks):
+    """37 tokens: 5 chunks with a padded tail, or one pass. 150 (192 cache slots): the chunks attend to the
+    cache in blocks of 64 slots up to their last position (`layers.attend_blocks`)."""
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, length).tolist()
     ref = reference.hf_logprobs(hf_mixtral, np.asarray([ids]))[0]
     ref = ref[np.arange(len(ids) - 1), ids[1:]]
-    for chunk in (8, 256):  # 5 chunks with a padded tail; one pass
+    for chunk in chunks:
         assert np.abs(gen.score(model, ids, chunk=chunk) - ref).max() <= 2e-4
+
+
+def test_long_prompt_prefill_in_key_blocks_equals_transformers(model, hf_mixtral):
+    prompt = np.random.default_rng(1).integers(1, model.config.vocab_size, 150).tolist()  # no pad id 0
+    assert layers.key_block(gen._slots(model.config, 150 + 8)) == 64
+    new = gen.generate(model, [prompt], 8, stop_at_eos=False, chunk=32)[0]  # 5 chunks, 1 to 3 blocks each
+    assert new == hf_greedy(hf_mixtral, (tuple(prompt),), 8)[0]
 
 
 def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bounded_cache(tmp_path):
