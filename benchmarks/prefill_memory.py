@@ -5,8 +5,8 @@ A small Mixtral (the `tiny` preset with `max_seq_len` 32768, float32, batch 1) p
 exactly as `Mixtral.generate` lays them out. For each length it reports
 
 - XLA's memory analysis of the compiled prefill: temporaries, and arguments + outputs (weights, prompt,
-  KV cache) - with the default 256-token chunks, and for contrast in one chunk (the whole prompt at once,
-  a length x length score matrix), compiled only, never run;
+  KV cache) - with the default chunks (`generate.default_chunk`: 2048 tokens at batch 1), and for contrast
+  in one chunk (the whole prompt at once), compiled only, never run;
 - the peak resident memory added by running the chunked prefill, in a fresh process per length (Linux
   VmHWM, reset after compilation through /proc/self/clear_refs).
 
@@ -34,7 +34,7 @@ def _setup(length: int):
     cfg = mixtral_jax.preset("tiny").replace(max_seq_len=32768)
     model = mixtral_jax.init_random(cfg, dtype="float32")
     prompt = [1] + [(7 * i) % 31990 + 3 for i in range(length - 1)]
-    run = gen._Run(model, [prompt], NEW_TOKENS, 0.0, None, None, 0, True, gen.DEFAULT_CHUNK)
+    run = gen._Run(model, [prompt], NEW_TOKENS, 0.0, None, None, 0, True, None)
     return model, run
 
 

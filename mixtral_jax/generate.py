@@ -31,7 +31,11 @@ from mixtral_jax.sampling import Sampler, sample
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
 
-DEFAULT_CHUNK = 256
+# A prefill chunk holds PREFILL_TOKENS tokens of a device's rows, at least MIN_CHUNK per row (`default_chunk`):
+# larger chunks multiply each expert's rows in fewer, larger matmuls (Xeon host, 1k-token prompts: batch 1 ran
+# 7-15% faster in 1024-token chunks than in 256-token ones, batch 2 up to 16% in 512-token ones).
+PREFILL_TOKENS = 2048
+MIN_CHUNK = 256
 MIN_BUCKET = 16
 # XLA:CPU's copy insertion without region analysis copies each loop-carried cache buffer twice a decode step
 # (O(cache) traffic per token); other backends ignore the option.
@@ -67,6 +71,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def default_chunk(rows: int) -> int:
+    """The prefill chunk length for `rows` prompts on each device."""
+    return max(MIN_CHUNK, PREFILL_TOKENS // rows)
 
 
 def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Array:
@@ -187,7 +196,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: in
 
 def generate(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
-             chunk: int = DEFAULT_CHUNK) -> list[list[int]]:
+             chunk: int | None = None) -> list[list[int]]:
     """The new ids of each prompt (ending with EOS where a row stopped on it); see `Mixtral.generate`."""
     run = _Run(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, chunk)
     if max_new_tokens == 0:
@@ -199,7 +208,7 @@ def generate(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
 def stream(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
-           chunk: int = DEFAULT_CHUNK, segment: int = 4) -> Iterator[list[int | None]]:
+           chunk: int | None = None, segment: int = 4) -> Iterator[list[int | None]]:
     """Yields each step's new id per prompt (None for a finished row) as the compiled loop produces
     them, running it `segment` steps at a time; the tokens equal `generate`'s for the same arguments."""
     run = _Run(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, chunk)
@@ -216,11 +225,11 @@ def stream(model: Mixtral, prompts: Sequence[Sequence[int]], max_new_tokens: int
         run.decode(min(step + segment, max_new_tokens))
 
 
-def score(model: Mixtral, ids: Sequence[int], chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
     cfg = model.config
     check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    chunk = min(chunk, bucket(len(ids)))
+    chunk = min(chunk or default_chunk(1), bucket(len(ids)))
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
@@ -259,13 +268,14 @@ class _Run:
         cfg = model.config
         check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
         sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise MixtralError(f"chunk must be >= 1, got {chunk}")
         self.model = model
         lengths = [len(p) for p in prompts]
-        chunk = min(chunk, bucket(max(lengths)))
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
-        tokens = np.zeros((_round_up(_pow2(len(prompts)), mesh_batch), bucket(max(lengths), chunk)), np.int32)
+        rows = _round_up(_pow2(len(prompts)), mesh_batch)
+        chunk = min(chunk or default_chunk(rows // mesh_batch), bucket(max(lengths)))
+        tokens = np.zeros((rows, bucket(max(lengths), chunk)), np.int32)
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):
             tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]

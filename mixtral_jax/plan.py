@@ -131,7 +131,7 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 
     mesh_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-batch // mesh_batch) * mesh_batch
-    chunk = min(generate.DEFAULT_CHUNK, max_len)
+    chunk = min(generate.default_chunk(rows // mesh_batch), max_len)
     length = -(-max_len // chunk) * chunk
     sampler = Sampler.create(0.0)
     prompt = placed((jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),

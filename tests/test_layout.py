@@ -71,7 +71,7 @@ def test_bf16_programs_never_widen_a_weight(n_prompts):
     cfg = CFG.replace(vocab_size=250, dim=40, ffn_dim=72, dtype="bfloat16", param_dtype="bfloat16",
                       layout="split")  # weight shapes no activation has
     model = mixtral_jax.init_random(cfg, seed=3)
-    run = generate._Run(model, PROMPTS[:n_prompts], 4, 0.0, None, None, 0, False, generate.DEFAULT_CHUNK)
+    run = generate._Run(model, PROMPTS[:n_prompts], 4, 0.0, None, None, 0, False, None)
     weights = (model.graphdef, model.params, model.split)
     state = run.prefill()
     programs = {"prefill": generate.prefill.lower(*weights, *run.args, **run.static),
@@ -132,7 +132,7 @@ def test_split_decode_step_copies_no_cache_buffer():
     cache buffer's size is written (XLA:CPU copied each buffer twice a step for a write ahead of the reads,
     and transposed one for a layout other than its batched matmuls take)."""
     model = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
-    run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, generate.DEFAULT_CHUNK)
+    run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, None)
     state = run.prefill()
     hlo = generate.decode.lower(model.graphdef, model.params, model.split, state, np.int32(40),
                                 run.args[-1]).compile().as_text()
