@@ -73,9 +73,10 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def default_chunk(rows: int) -> int:
-    """The prefill chunk length for `rows` prompts on each device."""
-    return max(MIN_CHUNK, PREFILL_TOKENS // rows)
+def default_chunk(cfg: ModelConfig, rows: int) -> int:
+    """The prefill chunk length for `rows` prompts on each device; MIN_CHUNK with a sliding window, whose ring
+    buffer of `window + chunk - 1` slots a longer chunk would grow (and score in one pass)."""
+    return MIN_CHUNK if cfg.sliding_window is not None else max(MIN_CHUNK, PREFILL_TOKENS // rows)
 
 
 def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Array:
@@ -229,19 +230,21 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
     cfg = model.config
     check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    chunk = min(chunk or default_chunk(1), bucket(len(ids)))
+    chunk = min(chunk or default_chunk(cfg, 1), bucket(len(ids)))
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
         logprobs = token_logprobs(model.graphdef, model.params, model.split,
                                   *_replicated(model, (tokens, np.int32([len(ids)]))),
-                                  cfg=cfg, chunk=chunk, slots=_slots(cfg, len(ids)))
+                                  cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
 
 
-def _slots(cfg: ModelConfig, needed: int) -> int:
-    """Cache positions for `needed` tokens, bucketed within the context."""
-    return max(min(bucket(needed), cfg.max_seq_len), needed)
+def cache_slots(cfg: ModelConfig, needed: int) -> int:
+    """Cache positions for `needed` tokens, bucketed within the context; from 128 on a multiple of 64, so that
+    a prefill attends to them in key blocks (`layers.key_block`) even where the context clips the bucket."""
+    slots = max(min(bucket(needed), cfg.max_seq_len), needed)
+    return _round_up(slots, 64) if slots >= 128 else slots
 
 
 def _replicated(model: Mixtral, tree):
@@ -274,7 +277,7 @@ class _Run:
         lengths = [len(p) for p in prompts]
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
         rows = _round_up(_pow2(len(prompts)), mesh_batch)
-        chunk = min(chunk or default_chunk(rows // mesh_batch), bucket(max(lengths)))
+        chunk = min(chunk or default_chunk(cfg, rows // mesh_batch), bucket(max(lengths)))
         tokens = np.zeros((rows, bucket(max(lengths), chunk)), np.int32)
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):
@@ -282,7 +285,7 @@ class _Run:
         eos = model.tokenizer.eos_id if model.tokenizer is not None else cfg.eos_id
         self.args = _replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
                                         jax.random.key(seed), sampler))
-        self.static = dict(cfg=cfg, chunk=chunk, slots=_slots(cfg, max(lengths) + max_new_tokens),
+        self.static = dict(cfg=cfg, chunk=chunk, slots=cache_slots(cfg, max(lengths) + max_new_tokens),
                            n_out=bucket(max_new_tokens))
         self.state: DecodeState | None = None
 

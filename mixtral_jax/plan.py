@@ -131,14 +131,15 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 
     mesh_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-batch // mesh_batch) * mesh_batch
-    chunk = min(generate.default_chunk(rows // mesh_batch), max_len)
+    chunk = min(generate.default_chunk(cfg, rows // mesh_batch), max_len)
     length = -(-max_len // chunk) * chunk
     sampler = Sampler.create(0.0)
     prompt = placed((jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
                      jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                      jax.eval_shape(lambda: jax.random.key(0)), jax.eval_shape(lambda: sampler)))
     with sh.rules_context(mesh):
-        lowered = generate.prefill.lower(graphdef, params, None, *prompt, cfg=cfg, chunk=chunk, slots=max_len,
+        lowered = generate.prefill.lower(graphdef, params, None, *prompt, cfg=cfg, chunk=chunk,
+                                         slots=generate.cache_slots(cfg, max_len),
                                          n_out=8)  # stacked layers: the accelerator layout
         prefill = lowered.compile()
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

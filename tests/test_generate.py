@@ -78,7 +78,7 @@ def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral, l
 
 def test_long_prompt_prefill_in_key_blocks_equals_transformers(model, hf_mixtral):
     prompt = np.random.default_rng(1).integers(1, model.config.vocab_size, 150).tolist()  # no pad id 0
-    assert layers.key_block(gen._slots(model.config, 150 + 8)) == 64
+    assert layers.key_block(gen.cache_slots(model.config, 150 + 8)) == 64
     new = gen.generate(model, [prompt], 8, stop_at_eos=False, chunk=32)[0]  # 5 chunks, 1 to 3 blocks each
     assert new == hf_greedy(hf_mixtral, (tuple(prompt),), 8)[0]
 
@@ -135,6 +135,15 @@ def test_sampling_is_reproducible_and_seeded(model):
                                          (8193, 12288)])
 def test_buckets_are_two_per_octave(n, expected):
     assert gen.bucket(n) == expected
+
+
+def test_prefill_chunks_and_cache_slots(model):
+    cfg = model.config
+    assert [gen.default_chunk(cfg, rows) for rows in (1, 2, 8, 32)] == [2048, 1024, 256, 256]
+    assert gen.default_chunk(cfg.replace(sliding_window=5), 1) == 256  # the ring grows with the chunk
+    assert gen.cache_slots(cfg, 150) == 192 and gen.cache_slots(cfg, 40) == 48  # buckets
+    clipped = cfg.replace(max_seq_len=1000)
+    assert gen.cache_slots(clipped, 900) == 1024 and layers.key_block(1024) == 256  # not 1000 slots in one pass
 
 
 @pytest.mark.parametrize("prompts, new, settings, message", [
