@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import layers
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.distributed import fetch
@@ -241,10 +242,11 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
 
 
 def cache_slots(cfg: ModelConfig, needed: int) -> int:
-    """Cache positions for `needed` tokens, bucketed within the context; from 128 on a multiple of 64, so that
-    a prefill attends to them in key blocks (`layers.key_block`) even where the context clips the bucket."""
+    """Cache positions for `needed` tokens, bucketed within the context; once they hold two of the smallest
+    key blocks (`layers.MIN_KEY_BLOCK`), a multiple of it, so that a prefill attends to them in blocks
+    (`layers.key_block`) even where the context clips the bucket."""
     slots = max(min(bucket(needed), cfg.max_seq_len), needed)
-    return _round_up(slots, 64) if slots >= 128 else slots
+    return _round_up(slots, layers.MIN_KEY_BLOCK) if slots >= 2 * layers.MIN_KEY_BLOCK else slots
 
 
 def _replicated(model: Mixtral, tree):

@@ -19,6 +19,7 @@ from mixtral_jax.config import ModelConfig
 MASKED = float(jnp.finfo(jnp.float32).min)
 # A prefill chunk attends to the cache in blocks of this many slots, up to its last position (`attend_blocks`).
 KEY_BLOCK = 256
+MIN_KEY_BLOCK = KEY_BLOCK // 4  # the smallest block `key_block` takes; caches without such blocks: one pass
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: str,
@@ -90,11 +91,15 @@ def attend(q: jax.Array, parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, slot_pos: jax.Array,
-                  window: int | None, block: int) -> jax.Array:
+                  window: int | None, block: int | None = None) -> jax.Array:
     """`attend(q, [(k, v, mask)])` over a cache (k [B, K, H, S], v [B, K, S, H], slot positions [B, S]) in
-    blocks of `block` slots, with a running softmax, and only up to the slot of the last query position
-    q_pos [B, T] (all S slots once positions pass S): a prefill chunk skips the slots after it."""
+    blocks of `block` slots (default `key_block(S)`), with a running softmax, and only up to the slot of the
+    last query position q_pos [B, T] (all S slots once positions pass S): a prefill chunk skips the slots
+    after it. A cache without such blocks is scored in one pass."""
     slots = k.shape[-1]
+    block = block or key_block(slots)
+    if block is None:
+        return attend(q, [(k, v, attention_mask(q_pos, slot_pos, window))])
     rows = _query_rows(q, k.shape[1])
     n_blocks = jnp.clip(jnp.max(q_pos) // block + 1, 1, slots // block)
 
@@ -118,7 +123,7 @@ def key_block(slots: int) -> int | None:
     """The block size `attend_blocks` takes over S slots: the largest power of two dividing S, at most
     KEY_BLOCK; None (one pass over all slots) when S holds fewer than two such blocks or they are small."""
     block = min(KEY_BLOCK, slots & -slots)
-    return block if block >= KEY_BLOCK // 4 and slots >= 2 * block else None
+    return block if block >= MIN_KEY_BLOCK and slots >= 2 * block else None
 
 
 def _query_rows(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -195,18 +200,14 @@ class Attention(nnx.Module):
             batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of the cache
             written = (kv[0].at[batch, :, :, slots].set(k.astype(kv[0].dtype), mode="drop"),
                        kv[1].at[batch, :, slots].set(v.astype(kv[1].dtype), mode="drop"))
-            block = key_block(slot_pos.shape[1])
             if x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
                 cached = attention_mask(q_pos, slot_pos, self.window)
                 cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
                 own = attention_mask(q_pos, positions, self.window)
                 out = attend(q, [(kv[0].astype(dtype), kv[1].astype(dtype), cached), (keys, values, own)])
-            elif block is None:
-                out = attend(q, [(written[0].astype(dtype), written[1].astype(dtype),
-                                  attention_mask(q_pos, slot_pos, self.window))])
             else:
                 out = attend_blocks(q, written[0].astype(dtype), written[1].astype(dtype), q_pos, slot_pos,
-                                    self.window, block)
+                                    self.window)
             kv = written
         # wo as [N * H, D] (a free reshape): contracted as [N, H, D], XLA:CPU transposed it every decode step
         wo = self.wo[...].astype(dtype)
