@@ -5,8 +5,8 @@ Slot `s` holds the token at position `p` with `p % S == s`, so a sliding-window 
 buffer; `pos` records which position each slot holds (-1: empty) and drives the attention mask. With the
 split layer layout (`layout.py`) keys and values are L separate buffers, so each layer writes its own in
 place instead of a slice of one stacked array (which XLA:CPU copies). Keys are [B, K, H, S] and values
-[B, K, S, H]: decode's fused multiply-sum (`layers.attend`) reads both where they lie, summing over a
-major axis with the slots vectorised.
+[B, K, S, H]: the attention's batched matmuls (`layers.attend`) read both where they lie, scores and
+outputs contracting the head dim and the slots as laid out.
 """
 
 from __future__ import annotations
