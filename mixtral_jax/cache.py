@@ -32,15 +32,20 @@ class KVCache:
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, chunk: int = 1, dtype: str | None = None,
                per_layer: bool = False) -> KVCache:
         """Room for `max_len` positions; a sliding window needs only `window + chunk - 1` slots, where
-        `chunk` is the longest number of tokens written in one forward pass."""
+        `chunk` is the longest number of tokens written in one forward pass. Per-layer buffers (the split
+        layout: XLA:CPU) of a 16-bit model default to float32, which holds its keys and values exactly:
+        XLA:CPU widens a 16-bit buffer whole to float32 for each write into it (scatter or update-slice),
+        three cache copies a decode step."""
+        if dtype is None:
+            dtype = jnp.float32 if per_layer and jnp.dtype(cfg.dtype).itemsize == 2 else cfg.dtype
         slots = max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window + chunk - 1)
         k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, slots)
         v_shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
 
         def zeros(shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array | tuple[jax.Array, ...]:
             if per_layer:
-                return tuple(sh.constrain(jnp.zeros(shape, dtype or cfg.dtype), axes[1:]) for _ in range(cfg.n_layers))
-            return sh.constrain(jnp.zeros((cfg.n_layers, *shape), dtype or cfg.dtype), axes)
+                return tuple(sh.constrain(jnp.zeros(shape, dtype), axes[1:]) for _ in range(cfg.n_layers))
+            return sh.constrain(jnp.zeros((cfg.n_layers, *shape), dtype), axes)
 
         return cls(k=zeros(k_shape, K_AXES), v=zeros(v_shape, V_AXES), pos=jnp.full((batch, slots), -1, jnp.int32))
 

@@ -127,16 +127,20 @@ def test_split_with_tied_embeddings_reads_the_embedder_as_head():
     np.testing.assert_allclose(tied.logits(ids), tied.with_options(layout="stacked").logits(ids), atol=2e-5, rtol=1e-5)
 
 
-def test_split_decode_step_copies_no_cache_buffer():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_split_decode_step_copies_no_cache_buffer(dtype):
     """A decode step writes one position of each layer's keys and values in place: nothing else of a
     cache buffer's size is written (XLA:CPU copied each buffer twice a step for a write ahead of the reads,
-    and transposed one for a layout other than its batched matmuls take)."""
-    model = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
+    and transposed one for a layout other than its batched matmuls take; a bfloat16 cache it widened whole
+    to float32 and back for each write, so a 16-bit model's split cache is float32)."""
+    model = mixtral_jax.init_random(CFG.replace(layout="split", dtype=dtype, param_dtype=dtype), seed=3)
     run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, None)
     state = run.prefill()
     hlo = generate.decode.lower(model.graphdef, model.params, model.split, state, np.int32(40),
                                 run.args[-1]).compile().as_text()
-    cache = {f"f32[{','.join(map(str, buf.shape))}]{{" for buf in (state.cache.k[0], state.cache.v[0])}
+    assert state.cache.k[0].dtype == np.float32
+    cache = {f"{t}[{','.join(map(str, buf.shape))}]{{" for buf in (state.cache.k[0], state.cache.v[0])
+             for t in ("f32", "bf16")}
     writes = [op for op, shape in _materialised(hlo, ops=True) if shape in cache]
     assert writes and all(op.startswith(("get-tuple-element", "parameter", "select_dynamic-update-slice_fusion"))
                           for op in writes), sorted(set(writes))
