@@ -199,7 +199,7 @@ class Attention(nnx.Module):
                 cached = attention_mask(q_pos, slot_pos, self.window)
                 cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
                 own = attention_mask(q_pos, positions, self.window)
-                out = attend(q, [(kv[0], kv[1], cached), (keys, values, own)])  # a float32 cache read as it is
+                out = attend(q, [(kv[0], kv[1], cached), (keys, values, own)])  # in the cache dtype (`KVCache.create`)
             else:
                 out = attend_blocks(q, written[0].astype(dtype), written[1].astype(dtype), q_pos, slot_pos,
                                     self.window)
