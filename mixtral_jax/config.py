@@ -13,6 +13,7 @@ from mixtral_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "reference", "grouped", "decode")
+GROUPED_KERNELS = ("auto", "blocked", "ragged_dot", "megablox")  # the grouped path's matmuls (`moe.grouped`)
 LAYOUTS = ("auto", "stacked", "split")  # the layer weights' runtime layout for inference (`layout.py`)
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     moe_impl: str = "auto"
+    grouped_kernel: str = "auto"
     layout: str = "auto"
 
     def __post_init__(self) -> None:
@@ -64,6 +66,9 @@ class ModelConfig:
                 raise ConfigError(f"config: {name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"config: moe_impl must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
+        if self.grouped_kernel not in GROUPED_KERNELS:
+            raise ConfigError(f"config: grouped_kernel must be one of {', '.join(GROUPED_KERNELS)}, "
+                              f"got {self.grouped_kernel!r}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"config: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 

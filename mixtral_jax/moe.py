@@ -9,7 +9,9 @@ stacked (w1, w3 [E, D, F], w2 [E, F, D]) or, in the split layout (`layout.py`), 
 separate output-major buffers (w1, w3 [F, D], w2 [D, F]: `Experts`), which every strategy reads in place.
 - reference: every expert on every token (the oracle; E/k times the needed FLOPs).
 - grouped: token copies sorted by expert, each expert's rows multiplied by its weights only (prefill, large
-  batches): `jax.lax.ragged_dot` on GPU and TPU, a loop over experts and row blocks on CPU.
+  batches). Its kernel (`grouped_kernel`, `auto` by backend): `blocked`, a loop over experts and row blocks
+  (CPU); `ragged_dot`, `jax.lax.ragged_dot` (GPU); `megablox`, the Pallas grouped matmul of
+  `jax.experimental.pallas.ops.tpu.megablox` (TPU; interpreted elsewhere, for tests).
 - decode: the chosen experts' weights gathered per token, or each choice switched to its expert's buffers
   (reads only those; few tokens).
 On a mesh whose expert or tensor axis is split, the chosen strategy runs per device on its local experts
@@ -40,8 +42,10 @@ Experts = jax.Array | tuple[Callable[[], jax.Array], ...]
 # (side by side, Xeon host); each size is one more loop per expert to compile (these two: +30% prefill compile).
 BLOCKS = (256, 64, 48, 32, 16, 8, 4, 2, 1)
 # The backend whose grouped kernel `grouped` compiles (None: the default backend); `plan` sets an accelerator
-# to size accelerator programs on CPU placeholder devices.
+# to size accelerator programs on CPU placeholder devices (with `ragged_dot`: Pallas kernels need the chip).
 KERNEL_BACKEND: str | None = None
+# megablox tiles (rows, contracted, out), as MaxText's defaults; each is cut to its dimension where that is less.
+MEGABLOX_TILES = (512, 1024, 1024)
 
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -92,27 +96,50 @@ def _switched(x, experts, w1, w3, w2) -> jax.Array:
     return jnp.concatenate(y).reshape(t, k, -1)
 
 
-def grouped(x, weights, experts, w1, w3, w2) -> jax.Array:
+def grouped(x, weights, experts, w1, w3, w2, kernel: str = "auto") -> jax.Array:
     t, k = experts.shape
     flat = experts.reshape(-1)  # [T*k]
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=len(w1)).astype(jnp.int32)  # drops the sentinel id E
     xs = x[order // k]  # [T*k, D], grouped by expert
-    ys = _grouped_kernel(w1)(xs, group_sizes, w1, w3, w2)  # [T*k, D]
+    ys = _grouped_kernel(w1, kernel)(xs, group_sizes, w1, w3, w2)  # [T*k, D]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32))
 
 
-def _grouped_kernel(w1: Experts) -> Callable[..., jax.Array]:
+def _grouped_kernel(w1: Experts, kernel: str) -> Callable[..., jax.Array]:
     if isinstance(w1, tuple):  # split layout (inference): blocks read each expert's buffers in place
         return _blocked_ffn
-    return _cpu_ffn if (KERNEL_BACKEND or jax.default_backend()) == "cpu" else _ragged_ffn
+    if kernel == "auto":
+        backend = KERNEL_BACKEND or jax.default_backend()
+        kernel = "blocked" if backend == "cpu" else "megablox" if jax.default_backend() == "tpu" else "ragged_dot"
+    return {"blocked": _cpu_ffn, "ragged_dot": _ragged_ffn, "megablox": _megablox_ffn}[kernel]
 
 
 def _ragged_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
     """Rows xs [n, D] grouped by expert -> SwiGLU [n, D] with `jax.lax.ragged_dot` (GPU, TPU)."""
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
     return jax.lax.ragged_dot(h, w2, group_sizes)
+
+
+def _megablox_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
+    """`_ragged_ffn` with megablox's `gmm` (Pallas; compiled on TPU, interpreted elsewhere). Rows are padded
+    to a multiple of the row tile; gmm leaves rows past the groups unwritten, so they are zeroed on the way
+    out, and on the way in for the gradient that comes back through them."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+
+    n = xs.shape[0]
+    tm = min(MEGABLOX_TILES[0], -(-n // 8) * 8)
+    grouped_rows = (jnp.arange(n + -n % tm) < jnp.sum(group_sizes))[:, None]  # [n padded, 1]
+    xs = jnp.where(grouped_rows, jnp.pad(xs, ((0, -n % tm), (0, 0))), 0)
+    interpret = jax.default_backend() != "tpu"
+
+    def gmm(a, w):  # a [n padded, in], w [E, in, out] -> [n padded, out] in a's dtype, as ragged_dot
+        tiling = (tm, min(MEGABLOX_TILES[1], w.shape[1]), min(MEGABLOX_TILES[2], w.shape[2]))
+        return ops.gmm(a, w.astype(a.dtype), group_sizes, a.dtype, tiling, None, None, False, interpret)
+
+    h = jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)
+    return jnp.where(grouped_rows, gmm(h, w2), 0)[:n]
 
 
 def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
@@ -211,10 +238,13 @@ _cpu_ffn.defvjp(_cpu_ffn_fwd, _cpu_ffn_bwd)
 DISPATCH: dict[str, Dispatch] = {"reference": reference, "grouped": grouped, "decode": decode}
 
 
-def choose(impl: str, n_tokens: int, top_k: int, n_experts: int) -> Dispatch:
-    """`auto` gathers experts while that reads fewer weights than all experts, else groups."""
+def choose(impl: str, n_tokens: int, top_k: int, n_experts: int, kernel: str = "auto") -> Dispatch:
+    """`auto` gathers experts while that reads fewer weights than all experts, else groups (with the
+    `grouped_kernel` named by `kernel`)."""
     if impl == "auto":
         impl = "decode" if n_tokens * top_k < n_experts else "grouped"
+    if impl == "grouped" and kernel != "auto":
+        return functools.partial(grouped, kernel=kernel)
     return DISPATCH[impl]
 
 
@@ -229,6 +259,7 @@ class MoE(nnx.Module):
         self.w2 = param(rngs, (e, f, d), (sh.EXP, sh.MLP, sh.EMBED), dt)
         self.top_k = cfg.top_k
         self.impl = cfg.moe_impl
+        self.kernel = cfg.grouped_kernel
         self.scales = None  # int8 expert weights: `quant.Int8Scales` (set by `quant.quantize`)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -238,9 +269,10 @@ class MoE(nnx.Module):
         logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32), self.router[...].astype(jnp.float32))
         weights, experts = route(logits, self.top_k)
         if expert_parallel.active():  # each device runs the strategy on its own experts
-            dispatch = functools.partial(expert_parallel.dispatch, functools.partial(choose, self.impl))
+            dispatch = functools.partial(expert_parallel.dispatch,
+                                         functools.partial(choose, self.impl, kernel=self.kernel))
         else:
-            dispatch = choose(self.impl, b * t, self.top_k, len(self.w1.get_value()))
+            dispatch = choose(self.impl, b * t, self.top_k, len(self.w1.get_value()), self.kernel)
         ws = (self.w1.get_value(), self.w3.get_value(), self.w2.get_value())  # [E, ...] or tuples (split)
         scales = (None,) * 3 if self.scales is None else self.scales.values()
         if isinstance(ws[0], tuple):  # split: each expert is cast and dequantised in the branch that reads it

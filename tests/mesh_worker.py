@@ -35,7 +35,8 @@ def main(specs: list[str]) -> None:
 
 def expert_parallel_errors(spec: str) -> dict[str, float]:
     """Each strategy run by `expert_parallel.dispatch` on `spec` against `moe.reference` on one device, on
-    few tokens (so that `decode`, which gathers experts, sees the sentinel id of experts held elsewhere)."""
+    few tokens (so that `decode`, which gathers experts, sees the sentinel id of experts held elsewhere);
+    `grouped/megablox` is the grouped path with the TPU kernel, interpreted on CPU."""
     import functools
 
     import jax
@@ -52,9 +53,11 @@ def expert_parallel_errors(spec: str) -> dict[str, float]:
     expected = moe.reference(x, weights, experts, w1, w3, w2)
     errors = {}
     with sh.rules_context(sh.make_mesh(spec)):
-        for impl in ("reference", "grouped", "decode"):
-            run = jax.jit(functools.partial(expert_parallel.dispatch, functools.partial(moe.choose, impl)))
-            errors[impl] = float(abs(run(x, weights, experts, w1, w3, w2) - expected).max())
+        for name in ("reference", "grouped", "decode", "grouped/megablox"):
+            impl, _, kernel = name.partition("/")
+            choose = functools.partial(moe.choose, impl, kernel=kernel or "auto")
+            run = jax.jit(functools.partial(expert_parallel.dispatch, choose))
+            errors[name] = float(abs(run(x, weights, experts, w1, w3, w2) - expected).max())
     return errors
 
 

@@ -38,7 +38,7 @@ def test_every_mesh_gives_single_device_logprobs_and_greedy_tokens(mesh_results,
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-@pytest.mark.parametrize("strategy", ["reference", "grouped", "decode"])
+@pytest.mark.parametrize("strategy", ["reference", "grouped", "decode", "grouped/megablox"])
 def test_every_strategy_runs_expert_parallel_and_equals_reference(mesh_results, strategy):
     _, _, errors = mesh_results
     assert errors[strategy] < 1e-5

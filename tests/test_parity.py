@@ -29,11 +29,14 @@ def checkpoint(request, tmp_path_factory):
     return reference.make_hf_checkpoint(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
 
 
-@pytest.mark.parametrize("impl", ["reference", "grouped", "decode"])
+@pytest.mark.parametrize("impl", ["reference", "grouped", "decode", "grouped/megablox"])
 def test_logprobs_equal_transformers(checkpoint, impl):
+    """Each MoE path; `grouped/megablox` is the TPU grouped kernel, interpreted on CPU."""
     ids = _ids(reference.BASE["vocab_size"])
     ref = reference.hf_logprobs(checkpoint, ids)
-    model = mixtral_jax.load(checkpoint, dtype="float32").with_options(moe_impl=impl)
+    impl, _, kernel = impl.partition("/")
+    model = mixtral_jax.load(checkpoint, dtype="float32")
+    model = model.with_options(moe_impl=impl, grouped_kernel=kernel or "auto")
     ours = np.asarray(_logprobs(model, ids))
     assert ref.std() > 0.5, "reference log-probs too flat to test anything"
     assert np.abs(ours - ref).max() <= TOL
