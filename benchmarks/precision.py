@@ -1,9 +1,10 @@
 """float32 vs bfloat16 vs int8 weight-only experts on the 214M checkpoint: speed and parity.
 
-Run: python -m benchmarks.precision [--rounds 3]
+Run: python -m benchmarks.precision [--rounds 3] [--batch 1]
 
 Parity: log-probabilities of two random 128-token rows against float32 (max and mean |delta log p|, argmax
-agreement). Speed: greedy `generate` at batch 1 (prefill 128 tokens, decode 64), variants in alternation.
+agreement). Speed: greedy `generate` at `--batch` rows (prefill 128 tokens each, decode 64), variants in
+alternation; tokens/s count every row.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from benchmarks import common
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
 
     import mixtral_jax
@@ -31,7 +33,7 @@ def main() -> None:
               "int8 experts, bfloat16": quant.quantize(bf16)}
     ids = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, common.PROMPT))
     ref = np.asarray(jax.nn.log_softmax(f32.logits(ids)))
-    prompt = ids[:1].tolist()
+    prompt = np.random.default_rng(1).integers(3, f32.config.vocab_size, (args.batch, common.PROMPT)).tolist()
     fns = {}
     for name, model in models.items():
         model.generate(prompt, common.NEW, stop_at_eos=False)
@@ -44,8 +46,9 @@ def main() -> None:
         got = np.asarray(jax.nn.log_softmax(model.logits(ids)))
         delta = np.abs(got - ref)
         expert_bytes = sum(model.params["layers"]["ffn"][w][...].nbytes for w in ("w1", "w3", "w2"))
-        rows.append([name, f"{expert_bytes / 1e6:.0f} MB", common.PROMPT / t[f"{name}/1"],
-                     (common.NEW - 1) / (t[f"{name}/n"] - t[f"{name}/1"]), float(delta.max()), float(delta.mean()),
+        rows.append([name, f"{expert_bytes / 1e6:.0f} MB", args.batch * common.PROMPT / t[f"{name}/1"],
+                     args.batch * (common.NEW - 1) / (t[f"{name}/n"] - t[f"{name}/1"]), float(delta.max()),
+                     float(delta.mean()),
                      float(np.mean(got.argmax(-1) == ref.argmax(-1)))])
         print(rows[-1], flush=True)
     print(common.table(["weights", "expert bytes", "prefill tok/s", "decode tok/s", "max |dlogp|",

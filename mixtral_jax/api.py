@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import config as config_lib
-from mixtral_jax import layout
+from mixtral_jax import layout, quant
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import MixtralError
@@ -38,7 +38,9 @@ class Mixtral:
         cfg = self.config.replace(**changes)
         if (cfg.param_dtype, cfg.n_layers, cfg.dim) != (self.config.param_dtype, self.config.n_layers, self.config.dim):
             raise MixtralError("with_options cannot change the parameters' shapes or dtype")
-        model = Mixtral(cfg, abstract_model(cfg)[0], self.params, self.tokenizer, self.mesh, self.rules)
+        quantized = cfg.is_moe and "scales" in self.params["layers"]["ffn"]
+        graphdef = quant.graphdef(cfg) if quantized else abstract_model(cfg)[0]
+        model = Mixtral(cfg, graphdef, self.params, self.tokenizer, self.mesh, self.rules)
         if cfg.layout == self.config.layout and "split" in self.__dict__:
             model.split = self.split  # share the split copy rather than make another
         return model

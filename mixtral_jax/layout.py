@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import quant
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import MixtralError
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 SPLIT_FROM_BYTES = 64 << 20  # `auto` splits layer weights from this size on (twice a large L3 cache)
 ROW_FORM_FROM = 256  # `times` multiplies this many rows and more in row form
+INT8_ROWS = 8  # `times` multiplies int8 weights (`quant.Int8`) by up to this many rows in int8 products
 
 
 class Split(NamedTuple):
@@ -66,18 +68,33 @@ def split(cfg: ModelConfig, params: nnx.State) -> Split:
     return Split(layers, None if cfg.tie_embeddings else params["lm_head"].get_value().T)
 
 
-def times(x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+def times(x: jax.Array, w: jax.Array | quant.Int8, dtype=None) -> jax.Array:
     """x [M, in] times an output-major w [out, in] -> [M, out], accumulated in float32 (as `layers.dense`)
     and returned in `dtype` (default x's): few rows in column form (w @ x.T, the output transposed after a
     barrier, which XLA would fold into row form), many in row form; a lone bfloat16 row as two
-    (`lone_bf16_row`)."""
+    (`lone_bf16_row`). Int8 weights meet up to INT8_ROWS rows in int8 products (`quant.int8_times`), more
+    dequantised."""
     dtype = dtype or x.dtype
+    if isinstance(w, quant.Int8):
+        if len(x) <= INT8_ROWS:
+            return quant.int8_times(x, w).astype(dtype)
+        w = w.dequantized()
     if lone_bf16_row(len(x), x.dtype):
         return times(jnp.concatenate([x, x]), w, dtype)[:1]
     if len(x) >= ROW_FORM_FROM:
         return jnp.einsum("MI,OI->MO", x, w, preferred_element_type=jnp.float32).astype(dtype)
     column = jnp.einsum("OI,MI->OM", w, x, preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(column).T.astype(dtype)
+
+
+def cast(w: jax.Array | quant.Int8, dtype) -> jax.Array | quant.Int8:
+    """A weight read as `dtype` (int8 ones stay int8, dequantised to it where multiplied)."""
+    return w._replace(dtype=dtype) if isinstance(w, quant.Int8) else w.astype(dtype)
+
+
+def dense(w: jax.Array | quant.Int8) -> jax.Array:
+    """A weight as an array (int8 ones dequantised)."""
+    return w.dequantized() if isinstance(w, quant.Int8) else w
 
 
 def lone_bf16_row(rows: int, dtype) -> bool:

@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import expert_parallel, layout
+from mixtral_jax import expert_parallel, layout, quant
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import param
 
 Dispatch = Callable[..., jax.Array]
 # One expert matrix of every expert: stacked [E, in, out], or in the split layout E loaders, each returning its
-# expert's own output-major buffer [out, in], cast (and dequantised) where a branch reads it.
-Experts = jax.Array | tuple[Callable[[], jax.Array], ...]
+# expert's own output-major buffer [out, in] cast where a branch reads it (int8 ones as `quant.Int8`).
+Experts = jax.Array | tuple[Callable[[], jax.Array | quant.Int8], ...]
 # Rows per expert matmul in the CPU grouped path, largest first (`_block_sizes` picks some by the mean rows
 # per expert). A block costs about one read of the expert's weights plus a little per row, so the sizes for a
 # prefill's typical 20-60 rows per expert lie close together: 48 and 16 saved 4% of a 128-token MoE block
@@ -71,7 +71,7 @@ def reference(x, weights, experts, w1, w3, w2) -> jax.Array:
 
 def _stacked(w: Experts) -> jax.Array:
     """Experts as one array [E, in, out] (split ones stacked and transposed back)."""
-    return jnp.stack([load().T for load in w]) if isinstance(w, tuple) else w
+    return jnp.stack([layout.dense(load()).T for load in w]) if isinstance(w, tuple) else w
 
 
 def decode(x, weights, experts, w1, w3, w2) -> jax.Array:
@@ -184,7 +184,8 @@ def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
         return jax.lax.fori_loop(0, count, one_block, ys)
 
     def used_expert(e, ys):  # a stacked expert is copied (transposed) from its static slice, a split one read
-        w = tuple((w[e]() if isinstance(w, tuple) else w[e].T).astype(operand) for w in (w1, w3, w2))
+        w = tuple(layout.cast(w[e]() if isinstance(w, tuple) else w[e].T, operand) for w in (w1, w3, w2))
+        dense = tuple(layout.dense(m) for m in w)  # int8 ones dequantised once, for blocks of many rows
         first = jnp.int32(0)
         for i, block in enumerate(sizes):
             left = jnp.maximum(group_sizes[e] - first, 0)
@@ -192,7 +193,7 @@ def _blocked_ffn(xs, group_sizes, w1, w3, w2) -> jax.Array:
                 count = -(-left // block)
             else:  # full blocks, and one more when the rest is more than the next size holds
                 count = left // block + (left % block > sizes[i + 1])
-            ys = blocks(e, w, block, first, count, ys)
+            ys = blocks(e, w if block <= layout.INT8_ROWS else dense, block, first, count, ys)
             first = first + count * block
         return ys
 
@@ -275,9 +276,9 @@ class MoE(nnx.Module):
             dispatch = choose(self.impl, b * t, self.top_k, len(self.w1.get_value()), self.kernel)
         ws = (self.w1.get_value(), self.w3.get_value(), self.w2.get_value())  # [E, ...] or tuples (split)
         scales = (None,) * 3 if self.scales is None else self.scales.values()
-        if isinstance(ws[0], tuple):  # split: each expert is cast and dequantised in the branch that reads it
-            ws = tuple(tuple(functools.partial(_load, q, s, x.dtype) for q, s in zip(w, scale or (None,) * len(w)))
-                       for w, scale in zip(ws, scales))
+        if isinstance(ws[0], tuple):  # split: each expert is cast in the branch that reads it
+            ws = tuple(tuple(functools.partial(_split_load, q, s, x.dtype)
+                             for q, s in zip(w, scale or (None,) * len(w))) for w, scale in zip(ws, scales))
         else:
             ws = tuple(_load(w, scale, x.dtype) for w, scale in zip(ws, scales))
         y = dispatch(tokens, weights, experts, *ws)
@@ -285,5 +286,10 @@ class MoE(nnx.Module):
 
 
 def _load(w: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
-    """Expert weights in `dtype`; int8 ones multiplied back by their scales (XLA fuses this into the read)."""
+    """Expert weights in `dtype`; int8 ones multiplied back by their scales."""
     return (w if scale is None else w.astype(jnp.float32) * scale).astype(dtype)
+
+
+def _split_load(w: jax.Array, scale: jax.Array | None, dtype) -> jax.Array | quant.Int8:
+    """One split expert matrix [out, in] in `dtype`; an int8 one with its scales [out, 1] (`layout.times`)."""
+    return w.astype(dtype) if scale is None else quant.Int8(w, scale, dtype)

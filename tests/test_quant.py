@@ -51,3 +51,30 @@ def test_quantize_keeps_input_and_stores_int8_experts(models):
     assert model.params["layers"]["ffn"]["w1"][...].dtype == jnp.float32
     with pytest.raises(MixtralError, match="already quantised"):
         quant.quantize(q)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_products_equal_the_dequantised_product(rows):
+    """`quant.int8_times` (activations as three int8 digits) against float64 over the dequantised weights:
+    within 1e-6 of the output's largest entry, as close as the float32 product itself."""
+    q, scale = quant.quantize_int8(jax.random.normal(jax.random.key(0), (1, 1, 300, 96)))  # [.., in, out]
+    w = quant.Int8(q[0, 0].T, scale[0, 0].T, jnp.float32)  # output-major, scales [out, 1]
+    x = jax.random.normal(jax.random.key(1), (rows, 300)) * jnp.logspace(-3, 1, 300)  # entries of every size
+    want = np.asarray(x, np.float64) @ np.asarray(w.dequantized(), np.float64).T
+    got = np.asarray(quant.int8_times(x, w))
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    dequantised = np.asarray(x @ w.dequantized().T)
+    assert np.abs(got - want).max() <= 2 * np.abs(dequantised - want).max() + 1e-7 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_split_int8_decode_equals_stacked(models, batch):
+    """The split layout's int8 decode (int8 products: a switch per token at batch 1, blocks of 1-4 rows at 5)
+    gives the stacked layout's logits (dequantised weights) and greedy tokens."""
+    _, q = models
+    q = q.with_options(layout="stacked")
+    split = q.with_options(layout="split")
+    prompts = [list(range(3 + i, 13 + 2 * i)) for i in range(batch)]
+    assert split.generate(prompts, 6, stop_at_eos=False) == q.generate(prompts, 6, stop_at_eos=False)
+    ids = np.random.default_rng(1).integers(0, q.config.vocab_size, (batch, 1))
+    np.testing.assert_allclose(split.logits(ids), q.logits(ids), atol=1e-4)
