@@ -231,7 +231,7 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
     cfg = model.config
     check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    chunk = min(chunk or default_chunk(cfg, 1), bucket(len(ids)))
+    chunk = _chunk(chunk, cfg, 1, len(ids))
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
@@ -239,6 +239,14 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
                                   *_replicated(model, (tokens, np.int32([len(ids)]))),
                                   cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
+
+
+def _chunk(chunk: int | None, cfg: ModelConfig, rows: int, longest: int) -> int:
+    """The prefill chunk for `rows` prompts a device: `chunk` (at least 1) or `default_chunk`, at most the
+    bucketed longest prompt."""
+    if chunk is not None and chunk < 1:
+        raise MixtralError(f"chunk must be >= 1, got {chunk}")
+    return min(chunk or default_chunk(cfg, rows), bucket(longest))
 
 
 def cache_slots(cfg: ModelConfig, needed: int) -> int:
@@ -273,13 +281,11 @@ class _Run:
         cfg = model.config
         check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
         sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
-        if chunk is not None and chunk < 1:
-            raise MixtralError(f"chunk must be >= 1, got {chunk}")
         self.model = model
         lengths = [len(p) for p in prompts]
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
         rows = _round_up(_pow2(len(prompts)), mesh_batch)
-        chunk = min(chunk or default_chunk(cfg, rows // mesh_batch), bucket(max(lengths)))
+        chunk = _chunk(chunk, cfg, rows // mesh_batch, max(lengths))
         tokens = np.zeros((rows, bucket(max(lengths), chunk)), np.int32)
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):

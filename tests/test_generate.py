@@ -159,3 +159,10 @@ def test_prefill_chunks_and_cache_slots(model):
 def test_bad_prompts_and_settings_are_clear_errors(model, prompts, new, settings, message):
     with pytest.raises(MixtralError, match=message):
         model.generate(prompts, new, **settings)
+
+
+@pytest.mark.parametrize("run", [lambda model: gen.generate(model, [[1, 5, 9]], 2, chunk=0),
+                                 lambda model: gen.score(model, [1, 5, 9], chunk=0)], ids=["generate", "score"])
+def test_a_prefill_chunk_below_one_is_a_clear_error(model, run):
+    with pytest.raises(MixtralError, match="chunk must be >= 1"):
+        run(model)
