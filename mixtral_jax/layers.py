@@ -54,12 +54,22 @@ def dense(spec: str, x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in the half-split layout ([B, T, heads, H], positions [B, T])."""
-    half = x.shape[-1] // 2
+def rope_table(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+    """Positions [B, T] -> their rotary (sin, cos) [B, T, 1, H] float32, for `rope`.
+
+    The table is read through a gather by token: fused into the products' consumers, XLA:CPU computed the
+    sines and cosines again for every head and half (0.5 against 3.8 ms for a layer's queries and keys at
+    1k tokens)."""
+    half = head_dim // 2
     inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    angles = positions.astype(jnp.float32).reshape(-1, 1) * inv_freq  # [B * T, H/2]
+    table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return table[jnp.arange(len(table))].reshape(positions.shape + (1, head_dim))
+
+
+def rope(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Rotary embedding in the half-split layout: x [B, T, heads, H] by `rope_table` [B, T, 1, H]."""
+    sin, cos = jnp.split(table, 2, axis=-1)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -158,6 +168,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dt)
         self.wv = param(rngs, (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dt)
         self.wo = param(rngs, (n, h, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), dt)
+        self.head_dim = h
         self.theta = cfg.rope_theta
         self.window = cfg.sliding_window
 
@@ -181,11 +192,12 @@ class Attention(nnx.Module):
         (output [B, 1, D]).
         """
         dtype = x.dtype
-        q_x, q_pos = x, positions
+        table = rope_table(positions, self.head_dim, self.theta)
+        q_x, q_pos, q_table = x, positions, table
         if keep is not None:
-            q_x, q_pos = at_index(x, keep), at_index(positions, keep)
-        q = rope(dense("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_pos, self.theta)
-        k = rope(dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), positions, self.theta)
+            q_x, q_pos, q_table = at_index(x, keep), at_index(positions, keep), at_index(table, keep)
+        q = rope(dense("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_table)
+        k = rope(dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), table)
         v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         keys, values = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)  # [B, K, H, T], [B, K, T, H]

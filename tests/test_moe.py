@@ -70,7 +70,7 @@ def test_block_sizes_pad_little_and_use_big_blocks_where_experts_fill_them():
     assert moe._block_sizes(16, 8) == (4, 2, 1)  # decode, batch 8
     assert moe._block_sizes(64, 8) == (16, 8, 4)  # decode, batch 32
     assert moe._block_sizes(256, 8) == (64, 48, 32, 16, 8)  # prefill of 128 tokens
-    assert moe._block_sizes(2048, 8) == (256, 64, 48, 32, 16, 8)
+    assert moe._block_sizes(2048, 8) == (256, 192, 128, 96, 64, 48, 32, 16, 8)  # prefill of 1k tokens
     assert moe._block_sizes(40, 1) == (32, 16, 8)  # one local expert (expert parallelism): no block above 40 rows
 
 
