@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "reference", "grouped", "decode")
 GROUPED_KERNELS = ("auto", "blocked", "ragged_dot", "megablox")  # the grouped path's matmuls (`moe.grouped`)
 LAYOUTS = ("auto", "stacked", "split")  # the layer weights' runtime layout for inference (`layout.py`)
+ATTENTION_IMPLS = ("auto", "xla", "dot_product")  # how tokens attend to each other (`layers.self_attention`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelConfig:
     moe_impl: str = "auto"
     grouped_kernel: str = "auto"
     layout: str = "auto"
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -71,6 +73,9 @@ class ModelConfig:
                               f"got {self.grouped_kernel!r}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"config: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"config: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                              f"got {self.attention_impl!r}")
 
     @property
     def is_moe(self) -> bool:

@@ -93,8 +93,9 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array,
             cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
     """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
     first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
-    needs (T may be longer); logits are computed only at each row's last prompt token. `split`: the weights
-    in the split layout or None (`Transformer.__call__`), here and in the functions below."""
+    needs (T may be longer; where T is one chunk, that pass attends to its own keys: `fresh_cache`); logits
+    are computed only at each row's last prompt token. `split`: the weights in the split layout or None
+    (`Transformer.__call__`), here and in the functions below."""
     batch, length = tokens.shape
     cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=split is not None)
 
@@ -107,6 +108,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array,
             cache,
             logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1),
             split=split,
+            fresh_cache=length == chunk,
         )
         here = (lengths - 1 >= start) & (lengths - 1 < start + chunk)
         return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
@@ -166,7 +168,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax
     def body(cache, start):
         positions = _chunk_positions(start, chunk, lengths)
         out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
-                                          positions, cache, split=split)
+                                          positions, cache, split=split, fresh_cache=length == chunk)
         logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
         nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]

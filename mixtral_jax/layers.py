@@ -129,6 +129,30 @@ def attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, sl
     return _heads(acc / l, q)
 
 
+def uses_dot_product(impl: str, dtype, head_dim: int) -> bool:
+    """Whether tokens attending to each other go through `dot_product` for the `attention_impl` `impl`. `auto`
+    takes it on GPU for 16-bit models with head dims cuDNN's flash attention takes (a multiple of 8, at most
+    128) and query and KV heads on the same mesh axes (its partitioner needs q, k and v sharded alike)."""
+    if impl == "auto":
+        return (jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0
+                and head_dim <= 128 and sh.mesh_axes(sh.ACT_HEADS) == sh.mesh_axes(sh.ACT_KV_HEADS))
+    return impl == "dot_product"
+
+
+def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, window: int | None) -> jax.Array:
+    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] by `jax.nn.dot_product_attention`: cuDNN's
+    flash attention for 16-bit inputs on GPU (causal and padding masks from lengths, no score matrix in
+    memory), XLA's elsewhere. Each row's positions [B, T] must count 0, 1, ... up to its length, then -1
+    (right padding), as `generate`, `score`, `Mixtral.logits` and training pass them -> [B, T, N * H]."""
+    b, t, n, h = q.shape
+    lengths = jnp.maximum(jnp.sum(positions >= 0, axis=1), 1).astype(jnp.int32)  # a padding row reads its first key
+    cudnn = jax.default_backend() == "gpu" and q.dtype.itemsize == 2
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn" if cudnn else "xla")
+    return out.reshape(b, t, n * h)
+
+
 def key_block(slots: int) -> int | None:
     """The block size `attend_blocks` takes over S slots: the largest power of two dividing S, at most
     KEY_BLOCK; None (one pass over all slots) when S holds fewer than two such blocks or they are small."""
@@ -171,6 +195,7 @@ class Attention(nnx.Module):
         self.head_dim = h
         self.theta = cfg.rope_theta
         self.window = cfg.sliding_window
+        self.impl = cfg.attention_impl
 
     def __call__(
         self,
@@ -183,13 +208,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D] at positions [B, T] -> ([B, T, D], updated kv).
 
-        Without a cache, tokens attend to each other. With one (k [B, K, H, S], v [B, K, S, H]), the new
-        keys are written at `slots` [B, T] (out-of-range slots are dropped) and queries attend to the
-        slots, whose positions after the write are `slot_pos` [B, S], in blocks up to the last query position
-        (`attend_blocks`); a single token (decode) attends to the cache as it was and to itself, so the
-        write does not have to precede (and copy) the reads. `keep`
-        [B]: every token writes its key and value, but only the one at this index of each row queries
-        (output [B, 1, D]).
+        Without a cache, or with one that holds nothing yet (`slot_pos` None: a prefill's only chunk), tokens
+        attend to each other (`dot_product` where `uses_dot_product`). With a cache (k [B, K, H, S],
+        v [B, K, S, H]), the new keys are written at `slots` [B, T] (out-of-range slots are dropped); a chunk
+        after the first attends to the slots, whose positions after the write are `slot_pos` [B, S], in blocks
+        up to its last query position (`attend_blocks`); a single token (decode) attends to the cache as it was
+        and to itself, so the write does not have to precede (and copy) the reads. `keep` [B]: every token
+        writes its key and value, but only the one at this index of each row queries (output [B, 1, D]).
         """
         dtype = x.dtype
         table = rope_table(positions, self.head_dim, self.theta)
@@ -201,21 +226,24 @@ class Attention(nnx.Module):
         v = dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         keys, values = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)  # [B, K, H, T], [B, K, T, H]
-        if kv is None:
-            out = attend(q, [(keys, values, attention_mask(q_pos, positions, self.window))])  # [B, T, N * H]
-        else:
+        if kv is not None:
             batch = jnp.arange(x.shape[0])[:, None]  # with slots [B, T], indexes [B, T, K, H] of the cache
             written = (kv[0].at[batch, :, :, slots].set(k.astype(kv[0].dtype), mode="drop"),
                        kv[1].at[batch, :, slots].set(v.astype(kv[1].dtype), mode="drop"))
-            if x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
-                cached = attention_mask(q_pos, slot_pos, self.window)
-                cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
-                own = attention_mask(q_pos, positions, self.window)
-                out = attend(q, [(kv[0], kv[1], cached), (keys, values, own)])  # in the cache dtype (`KVCache.create`)
-            else:
-                out = attend_blocks(q, written[0].astype(dtype), written[1].astype(dtype), q_pos, slot_pos,
-                                    self.window)
-            kv = written
+        if (kv is None or slot_pos is None) and keep is None and uses_dot_product(self.impl, dtype, self.head_dim):
+            out = dot_product(q, k, v, positions, self.window)  # [B, T, N * H]
+        elif kv is None:
+            out = attend(q, [(keys, values, attention_mask(q_pos, positions, self.window))])
+        elif slot_pos is None:  # the cache was empty: the chunk's own keys are all it may see
+            out = attend_blocks(q, keys, values, q_pos, positions, self.window)
+        elif x.shape[1] == 1:  # decode: the cache as it was (less the slot this token takes) and the token
+            cached = attention_mask(q_pos, slot_pos, self.window)
+            cached &= (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
+            own = attention_mask(q_pos, positions, self.window)
+            out = attend(q, [(kv[0], kv[1], cached), (keys, values, own)])  # in the cache dtype (`KVCache.create`)
+        else:
+            out = attend_blocks(q, written[0].astype(dtype), written[1].astype(dtype), q_pos, slot_pos, self.window)
+        kv = None if kv is None else written
         # wo as [N * H, D] (a free reshape): contracted as [N, H, D], XLA:CPU transposed it every decode step
         wo = self.wo[...].astype(dtype)
         return dense("BTX,XD->BTD", out, wo.reshape(-1, wo.shape[-1])), kv

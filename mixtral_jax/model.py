@@ -84,6 +84,7 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         logit_index: jax.Array | None = None,
         split: layout.Split | None = None,
+        fresh_cache: bool = False,
     ) -> Output:
         """tokens [B, T] at positions [B, T] (default 0..T-1; negative marks padding that is not cached).
 
@@ -91,7 +92,8 @@ class Transformer(nnx.Module):
         `logit_index` [B] computes logits only at that index of each row (prefill). `split`: the weights in
         the split layout (`layout.split`): layers run unrolled in place of the scanned stack, and with
         `logit_index` the last layer computes keys and values at every position but the rest at that index
-        only (nothing else of it reaches the logits).
+        only (nothing else of it reaches the logits). `fresh_cache`: the cache holds nothing yet (a prefill's
+        only chunk), so the tokens attend to each other and only write it.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -103,7 +105,7 @@ class Transformer(nnx.Module):
         slots = slot_pos = None
         if cache is not None:
             slots, cache = cache.slot_index(positions), cache.with_positions(positions)
-            slot_pos = cache.pos
+            slot_pos = None if fresh_cache else cache.pos
 
         def body(x, xs, keep=None):
             state, kv = xs

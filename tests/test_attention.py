@@ -1,6 +1,7 @@
 """Blockwise prefill attention over a KV cache equals one softmax over every slot, and skips the blocks past a
-chunk's last position."""
+chunk's last position; `jax.nn.dot_product_attention` (`layers.dot_product`) equals our own attention."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,3 +60,37 @@ def test_positions_past_the_slots_read_every_block():
 @pytest.mark.parametrize("slots, block", [(24, None), (192, 64), (1536, 256), (768, 256), (255, None), (64, None)])
 def test_key_block_divides_the_slots(slots, block):
     assert layers.key_block(slots) == block
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_dot_product_attention_equals_attend_with_gradients(window):
+    """Lengths, causality and the window reach `jax.nn.dot_product_attention` as our mask has them (XLA's
+    implementation here; cuDNN's takes the same arguments on GPU): values and gradients at the rows that
+    query (row 1 is shorter, row 2 batch padding)."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32) for _ in range(2))
+    positions = jnp.asarray([list(range(T)), [0, 1, 2, -1, -1, -1], [-1] * T], jnp.int32)
+    valid = (positions >= 0)[..., None]
+    cotangent = jnp.asarray(rng.normal(size=(B, T, N * H)), jnp.float32)
+
+    def ours(q, k, v):
+        mask = layers.attention_mask(positions, positions, window)
+        return layers.attend(q, [(k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask)])
+
+    def theirs(q, k, v):
+        return layers.dot_product(q, k, v, positions, window)
+
+    def loss(f, *args):
+        return jnp.sum(jnp.where(valid, f(*args), 0) * cotangent)
+
+    np.testing.assert_allclose(np.where(valid, theirs(q, k, v), 0), np.where(valid, ours(q, k, v), 0), atol=1e-5)
+    for g_theirs, g_ours in zip(jax.grad(lambda *a: loss(theirs, *a), (0, 1, 2))(q, k, v),
+                                jax.grad(lambda *a: loss(ours, *a), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_theirs, g_ours, atol=1e-5)
+
+
+def test_dot_product_is_chosen_on_gpu_only_unless_named():
+    assert not layers.uses_dot_product("auto", jnp.bfloat16, 128)  # this suite runs on CPU
+    assert layers.uses_dot_product("dot_product", jnp.float32, 16)
+    assert not layers.uses_dot_product("xla", jnp.bfloat16, 128)

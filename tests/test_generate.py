@@ -14,6 +14,7 @@ from transformers import MixtralForCausalLM
 import mixtral_jax
 from mixtral_jax import generate as gen
 from mixtral_jax import layers
+from mixtral_jax.layers import dot_product
 from mixtral_jax.errors import MixtralError
 from tests import reference
 
@@ -56,6 +57,15 @@ def test_greedy_equals_transformers_generate(greedy, hf_mixtral):
 
 def test_ragged_batch_equals_single_prompts(model, greedy):
     assert greedy == [model.generate([p], NEW, stop_at_eos=False)[0] for p in PROMPTS]
+
+
+def test_dot_product_attention_prefill_generates_the_same_tokens(model, greedy, monkeypatch):
+    """The one-chunk prefill of the ragged batch (with a batch-padding row) through
+    `jax.nn.dot_product_attention` (`attention_impl="dot_product"`) gives the same tokens."""
+    calls = []
+    monkeypatch.setattr(layers, "dot_product", lambda *args: calls.append(args) or dot_product(*args))
+    assert model.with_options(attention_impl="dot_product").generate(PROMPTS, NEW, stop_at_eos=False) == greedy
+    assert calls and all(args[0].shape[:2] == (4, 16) for args in calls)  # the prefill's one 16-token chunk
 
 
 def test_cached_decode_equals_full_forward(model):

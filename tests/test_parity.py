@@ -42,6 +42,13 @@ def test_logprobs_equal_transformers(checkpoint, impl):
     assert np.abs(ours - ref).max() <= TOL
 
 
+def test_dot_product_attention_equals_transformers(checkpoint):
+    """`attention_impl="dot_product"`: `jax.nn.dot_product_attention` (XLA's here, cuDNN's on a GPU)."""
+    ids = _ids(reference.BASE["vocab_size"])
+    model = mixtral_jax.load(checkpoint, dtype="float32").with_options(attention_impl="dot_product")
+    assert np.abs(np.asarray(_logprobs(model, ids)) - reference.hf_logprobs(checkpoint, ids)).max() <= TOL
+
+
 def test_dense_sliding_window_mistral_equals_transformers(tmp_path):
     folder = reference.make_hf_checkpoint(tmp_path, dense=True, sliding_window=4, rope_theta=1e4)
     ids = _ids(reference.BASE["vocab_size"], (1, 23))
