@@ -104,14 +104,16 @@ def lone_bf16_row(rows: int, dtype) -> bool:
 
 
 @functools.cache
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX, Intel Xeon from Sapphire Rapids on): XLA:CPU
-    then runs bfloat16 products 4-6x faster than float32 ones; elsewhere it widens them, slower than
-    float32 products."""
+def cpu_bf16() -> str | None:
+    """How this CPU multiplies bfloat16, from `/proc/cpuinfo`: `amx` (AMX tiles, Intel Xeon from Sapphire
+    Rapids on: XLA:CPU's bfloat16 products 4-6x faster than float32 ones), `avx512` (AVX512_BF16 dot
+    products, AMD from Zen 4 on: 2-3.5x faster from tens of rows on, slower for a few rows), or None
+    (XLA:CPU widens bfloat16 products, slower than float32 ones)."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        return None
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else None
 
 
 @jax.jit

@@ -63,7 +63,7 @@ def test_split_generate_equals_stacked(models, n_prompts):
     assert chunked == stacked.generate(prompts, 4, stop_at_eos=False)
 
 
-@pytest.mark.skipif(not layout.cpu_multiplies_bf16(), reason="bfloat16 operands are kept on AMX CPUs only")
+@pytest.mark.skipif(layout.cpu_bf16() != "amx", reason="bfloat16 operands are kept throughout on AMX CPUs only")
 @pytest.mark.parametrize("n_prompts", [1, 5])  # decode steps of one row (lone rows doubled) and of eight
 def test_bf16_programs_never_widen_a_weight(n_prompts):
     """XLA:CPU widens to float32 the weights of a bfloat16 product with a bfloat16 result or of one row, and
