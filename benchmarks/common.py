@@ -26,6 +26,7 @@ HF_214M = dict(
 )
 PROMPT, NEW = 128, 64  # the issue's prompt and new-token counts
 CHECKPOINT = Path(os.environ.get("MIXTRAL_BENCH_CKPT", "/tmp/mixtral-214m"))
+SETTLE_S = 0.5  # idle seconds before each timed call in `alternate`
 
 
 def make_checkpoint(folder: Path = CHECKPOINT, **overrides) -> Path:
@@ -142,13 +143,17 @@ def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> flo
 
 
 def alternate(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, run in alternation (ours, theirs, ours, ...) so drift hits both."""
+    """Median seconds of each function, run in alternation (ours, theirs, ours, ...) so drift hits both.
+    Each timed call starts SETTLE_S after the last ended: torch's OpenMP workers spin for a while after
+    its calls, and took a core from the call after them (our bfloat16 batch-1 prefill: 1,030 tok/s right
+    after torch, 1,680 with OMP_WAIT_POLICY=PASSIVE)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
