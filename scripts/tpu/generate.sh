@@ -2,7 +2,8 @@
 # Run `mixtral-jax generate` on every worker at once; process 0 prints. Arguments go to generate, e.g.
 #   scripts/tpu/generate.sh --mesh expert=8 --prompt "The capital of France is"
 # On a TPU VM the processes find each other by themselves (no --coordinator-address needed).
-source "$(dirname "$0")/common.sh"
+# generate's own options are listed by `mixtral-jax generate --help`.
+source "$(dirname "$0")/common.sh" "$@"
 
 ARGS=""
 for arg in "$@"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build this checkout into a wheel, copy it to every worker and install it with JAX for TPU.
-source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/common.sh" "$@"
+take_no_arguments "$@"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 JAX_VERSION="$(sed -n 's/^ *"jax==\([0-9.]*\)".*/\1/p' "$ROOT/pyproject.toml")"
 
