@@ -12,14 +12,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import checkpoint
+from mixtral_jax import outputs
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.mapping import Transform
@@ -94,19 +94,22 @@ def hf_config(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
 
 
 def export(cfg: ModelConfig, params: nnx.State | dict[str, Any], folder: str | os.PathLike,
-           dtype: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
+           dtype: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False,
+           sources: Sequence[str | os.PathLike] = ()) -> Path:
     """Write `config.json`, `model.safetensors` (and `tokenizer.model`) as the folder `folder`.
 
     The files are written into a staging folder that replaces `folder` only when complete; an existing
-    `folder` is refused unless `force`.
+    `folder` is refused unless `force`, and replaced only where `outputs.check_replaceable` allows it
+    (`sources`: the folders the weights came from).
     """
     from safetensors.numpy import save_file
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     pure = params if isinstance(params, dict) else nnx.to_pure_dict(params)
-    with checkpoint.staging(folder, force) as tmp:
+    with outputs.staging(folder, "export", force, sources) as tmp:
         save_file(dict(hf_tensors(cfg, pure, dtype)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        outputs.readable_by_all(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.errors import CheckpointError
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
@@ -22,6 +24,17 @@ class TensorSource(Protocol):
     def keys(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def get(self, name: str) -> np.ndarray: ...
+    def file_of(self, name: str) -> Path: ...
+    def label(self, name: str) -> str: ...
+
+
+def check_finite(w: np.ndarray, source: TensorSource, name: str, opt_out: str) -> None:
+    """Refuse NaN or inf in `w`, the values (all or a block) of source tensor `name`, naming it and its file;
+    `opt_out` tells the user how to accept them anyway. Integer and bool tensors hold neither."""
+    if w.dtype.kind not in "biu" and not np.isfinite(w).all():
+        raise CheckpointError(
+            f"{source.file_of(name)}: tensor {source.label(name)} holds NaN or inf values ({opt_out})"
+        )
 
 
 def identity(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -180,16 +193,22 @@ def source_names(rule: Rule, cfg: ModelConfig) -> Iterator[str]:
             yield rule.source.format(layer=layer, expert=expert)
 
 
-def assemble(rule: Rule, source: TensorSource, cfg: ModelConfig, index: tuple[slice, ...], dtype) -> np.ndarray:
-    """The slice `index` of a rule's target parameter, reading only the source tensors it covers."""
+def assemble(rule: Rule, source: TensorSource, cfg: ModelConfig, index: tuple[slice, ...], dtype,
+             allow_non_finite: bool = False) -> np.ndarray:
+    """The slice `index` of a rule's target parameter, reading only the source tensors it covers; the
+    values read are refused if any is NaN or inf, unless `allow_non_finite`."""
     n_stacked = rule.stacked_axes
     stacked, rest = index[:n_stacked], index[n_stacked:]
     counts = (cfg.n_layers, cfg.n_experts)[:n_stacked]
     ranges = [range(*s.indices(n)) for s, n in zip(stacked, counts)]
 
     def one(layer: int | None = None, expert: int | None = None) -> np.ndarray:
-        w = rule.transform(source.get(rule.source.format(layer=layer, expert=expert)), cfg)
-        return np.asarray(w[rest], dtype=dtype)
+        name = rule.source.format(layer=layer, expert=expert)
+        w = rule.transform(source.get(name), cfg)[rest]
+        if not allow_non_finite:
+            check_finite(w, source, name, "load it with allow_non_finite=True, or convert it with "
+                                          "--allow-non-finite, to use it anyway")
+        return np.asarray(w, dtype=dtype)
 
     if n_stacked == 0:
         return one()

@@ -9,7 +9,6 @@ per-expert names (`mapping.MEGABLOCKS_ALIASES`) so that the Mistral rules apply 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from mixtral_jax import config as config_lib
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.errors import CheckpointError
+from mixtral_jax.errors import CheckpointError, ConfigError
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.safetensors_io import SafetensorsFile
 from mixtral_jax.convert.torch_io import TorchFile
@@ -127,12 +126,12 @@ def open_source(path: str | Path) -> Source:
         raise CheckpointError(f"{path}: expected a checkpoint folder")
     tokenizer = next((path / n for n in TOKENIZER_FILES if (path / n).is_file()), None)
     if (path / "config.json").is_file():
-        cfg = config_lib.from_hf_config(_read_json(path / "config.json"))
+        cfg = config_lib.from_hf_config(config_lib.read_json(path / "config.json"), path / "config.json")
         paths, index = _hf_files(path)
         files = _index(paths)
         return Source(path, "hf", cfg.with_dtype(_stored_dtype(files, "hf")), files, tokenizer, index)
     if (path / "params.json").is_file():
-        cfg = config_lib.from_params_json(_read_json(path / "params.json"))
+        cfg = config_lib.from_params_json(config_lib.read_json(path / "params.json"), path / "params.json")
         files = _mistral_files(path, cfg)
         aliases = mapping.MEGABLOCKS_ALIASES if any(isinstance(f, Aliased) for f in files.values()) else ()
         cfg = cfg.with_dtype(_stored_dtype(files, "mistral"))
@@ -141,10 +140,11 @@ def open_source(path: str | Path) -> Source:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object of the checkpoint that is no config (the shard index)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        return config_lib.read_json(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _hf_files(path: Path) -> tuple[list[Path], dict[str, str]]:
@@ -152,6 +152,8 @@ def _hf_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> file name")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:

@@ -4,7 +4,8 @@ Each source tensor is read into memory on its own (nothing stays memory-mapped),
 mapping rule, cast, and written into its slice of the stacked Orbax array; tensors larger than
 `BLOCK_BYTES` whose transform allows it (`mapping.ROW_AXIS`) go in blocks of rows. Peak memory is a few
 blocks, or the largest tensor that must be whole, beyond the libraries, whatever the model's size.
-The output appears only when complete (`checkpoint.staging`).
+Each block is checked for NaN and inf as it is read. The output appears only when complete
+(`outputs.staging`): a refused tensor leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import api, checkpoint
+from mixtral_jax import api, checkpoint, outputs
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.sources import open_source
@@ -27,9 +28,10 @@ BLOCK_BYTES = 32 << 20
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
-            force: bool = False, progress: bool = True) -> Path:
+            force: bool = False, progress: bool = True, allow_non_finite: bool = False) -> Path:
     """Convert the checkpoint folder `source` into the model folder `output` (stored in `dtype`, None:
-    the source's). Every tensor is checked against the config before anything is written."""
+    the source's). Every tensor is checked against the config before anything is written, and its values
+    as they are read: a NaN or inf refuses the conversion unless `allow_non_finite`."""
     if checkpoint.is_checkpoint(source):
         raise CheckpointError(f"{source}: already a converted model folder; load it with mixtral_jax.load")
     src = open_source(source)
@@ -43,13 +45,16 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
         specs[rule.target] = checkpoint.ArraySpec(tuple(leaf.shape), np.dtype(leaf.dtype), rule.stacked_axes)
     steps = list(plan(rules, cfg))
     total = sum(src.nbytes(name) for _, name, _ in steps)
-    with checkpoint.staging(output, force) as tmp, tqdm(
+    with outputs.staging(output, "model", force, sources=[source]) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
     ) as bar:
         writer = checkpoint.ArrayWriter(tmp, specs)
         for i, (rule, name, index) in enumerate(steps):
             for rows, region in blocks(rule, src.shape(name), src.nbytes(name), writer.chunks(rule.target), index):
-                writer.write(rule.target, region, rule.transform(src.read(name, rows), cfg))
+                block = src.read(name, rows)
+                if not allow_non_finite:
+                    mapping.check_finite(block, src, name, "pass --allow-non-finite to convert it anyway")
+                writer.write(rule.target, region, rule.transform(block, cfg))
             bar.update(src.nbytes(name))
             bar.set_postfix_str(f"{i + 1}/{len(steps)} tensors", refresh=False)
         writer.close()

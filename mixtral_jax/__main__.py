@@ -1,5 +1,3 @@
-import sys
+from mixtral_jax.cli import entry
 
-from mixtral_jax.cli import main
-
-sys.exit(main())
+entry()

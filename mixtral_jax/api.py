@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,12 @@ class Mixtral:
         model = Mixtral(cfg, graphdef, self.params, self.tokenizer, self.mesh, self.rules)
         if cfg.layout == self.config.layout and "split" in self.__dict__:
             model.split = self.split  # share the split copy rather than make another
+        return model
+
+    def with_tokenizer(self, tokenizer: Any) -> Mixtral:
+        """The same model run with another tokenizer (its EOS ends rows; only ids it knows are sampled)."""
+        model = copy.copy(self)  # the weights, and their split copy once made, are shared
+        model.tokenizer = tokenizer
         return model
 
     def context(self):
@@ -140,13 +147,16 @@ def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = No
     return Mixtral(cfg, graphdef, params, tokenizer, mesh)
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None) -> Mixtral:
+def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
+         allow_non_finite: bool = False) -> Mixtral:
     """A model folder (`mixtral-jax convert` output), a training OUTPUT (its latest step), or a Hugging Face
     or Mistral checkpoint folder, read straight into arrays sharded over `mesh`.
 
     A model folder is restored by Orbax into the target sharding; from a foreign folder each device's
     slice is assembled from memory-mapped source tensors. Either way a host reads only what its devices
-    hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype.
+    hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype. A foreign
+    folder's weights holding NaN or inf are refused unless `allow_non_finite` (a model folder's are not
+    checked again: `convert` checks them as it writes).
     """
     from mixtral_jax import checkpoint, trained
 
@@ -174,7 +184,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
         rule = rules[".".join(str(p.key) for p in path)]
         sharding = _get(shardings, path)
         return jax.make_array_from_callback(
-            leaf.shape, sharding, lambda index: mapping.assemble(rule, source, cfg, index, leaf.dtype)
+            leaf.shape, sharding,
+            lambda index: mapping.assemble(rule, source, cfg, index, leaf.dtype, allow_non_finite),
         )
 
     pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(abstract))

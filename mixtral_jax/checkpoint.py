@@ -16,15 +16,12 @@ reads only the chunks under its devices' shards.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -32,6 +29,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
+from mixtral_jax import outputs
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import CheckpointError
@@ -40,7 +38,6 @@ CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 PARAMS_DIR = "params"
 CHUNK_BYTES = 16 << 20
-_STAGING = ".partial-"
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -49,46 +46,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR / "_METADATA").is_file()
 
 
-@contextlib.contextmanager
-def staging(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """A fresh folder beside `output`, renamed to `output` when the block succeeds, removed when it fails.
-
-    An existing `output` is refused unless `force`. Folders left by killed runs (their process is gone)
-    are removed first, so a rerun starts clean.
-    """
-    output = Path(output).absolute()
-    if output.exists() and not force:
-        raise CheckpointError(f"{output}: already exists (pass --force to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{output.name}{_STAGING}"
-    for stale in output.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix):]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = output.parent / f"{prefix}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if not output.exists():
-            tmp.rename(output)
-        elif _exchange(tmp, output):  # tmp now holds the old output
-            _remove(tmp)
-        else:  # no atomic exchange here: the old output is moved aside for two renames' time
-            old = output.parent / f"{prefix}{os.getpid()}-old"
-            output.rename(old)
-            tmp.rename(output)
-            _remove(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_model(folder: str | os.PathLike, config: ModelConfig, params: nnx.State,
                 tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Save in-memory (possibly sharded) parameters, the config and a tokenizer as a model folder, from
     a single process (the staging folder is named after it)."""
-    with staging(folder, force) as tmp:
+    with outputs.staging(folder, "model", force) as tmp:
         checkpointer = ocp.StandardCheckpointer(use_ocdbt=False)
         checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
@@ -118,11 +80,7 @@ def tokenizer_path(folder: str | os.PathLike) -> Path | None:
 def restore(folder: str | os.PathLike, abstract: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """Parameters read into the sharding `abstract`'s logical axes imply on `mesh`, cast to its dtypes."""
     path = Path(folder).absolute() / PARAMS_DIR
-    checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(path).item_metadata
-    if stored is None:  # orbax could not open every array listed in _METADATA
-        raise CheckpointError(f"{path}: incomplete checkpoint (a parameter's array is missing or unreadable)")
-    stored = stored.tree
+    stored = stored_tree(path)
     shardings = nnx.to_pure_dict(sh.named_shardings(abstract, mesh))
 
     def target(keys: tuple, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -138,13 +96,39 @@ def restore(folder: str | os.PathLike, abstract: nnx.State, mesh: jax.sharding.M
 
     pure = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract))
     try:
-        restored = checkpointer.restore(path, pure)
-    except Exception as e:  # orbax wraps tensorstore's errors (a chunk file damaged or missing) in Exception
-        while e.__cause__ is not None:
-            e = e.__cause__
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+        restored = ocp.StandardCheckpointer().restore(path, pure)
+    except Exception as e:
+        raise unreadable(path, e) from None
     nnx.replace_by_pure_dict(abstract, restored)
     return abstract
+
+
+def stored_tree(path: Path) -> Any:
+    """The array metadata tree of the `StandardCheckpointer` item at `path`, read before any array is.
+
+    A CheckpointError names what Orbax cannot open (`_METADATA`, the OCDBT manifest, an array's metadata),
+    which a restore would report only after reading, if at all: it reads without the tree's `_METADATA`.
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: incomplete checkpoint (the folder is missing)")
+    try:
+        return ocp.StandardCheckpointHandler().metadata(path).tree
+    except Exception as e:
+        raise unreadable(path, e, "incomplete checkpoint") from None
+
+
+def unreadable(path: str | os.PathLike, e: Exception, what: str = "unreadable checkpoint") -> CheckpointError:
+    """What Orbax raised reading the checkpoint at `path` (a file damaged, missing or not JSON) as one line,
+    `PATH: WHAT (CAUSE)`.
+
+    Orbax wraps tensorstore's errors in a bare Exception whose message dumps the array's whole spec: the
+    first line of the innermost cause says what failed, less tensorstore's spec suffix.
+    """
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
+    line = next(iter(text.strip().splitlines()), "") or type(e).__name__
+    return CheckpointError(f"{path}: {what} ({line.split(' [tensorstore_spec')[0]})")
 
 
 class ArraySpec(NamedTuple):
@@ -235,32 +219,3 @@ def _get(tree: Any, keys: tuple) -> Any:
             return None
         tree = tree[k.key]
     return tree
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
-    renameat2 = getattr(_LIBC, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 import tomllib
+from pathlib import Path
 from typing import Any, Mapping
 
 from mixtral_jax.errors import ConfigError
@@ -52,30 +54,7 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config: {name} must be positive, got {getattr(self, name)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
-        if self.n_experts and not 0 < self.top_k <= self.n_experts:
-            raise ConfigError(f"config: top_k must be in [1, {self.n_experts}], got {self.top_k}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"config: sliding_window must be positive or null, got {self.sliding_window}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"config: {name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ConfigError(f"config: moe_impl must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
-        if self.grouped_kernel not in GROUPED_KERNELS:
-            raise ConfigError(f"config: grouped_kernel must be one of {', '.join(GROUPED_KERNELS)}, "
-                              f"got {self.grouped_kernel!r}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"config: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"config: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
-                              f"got {self.attention_impl!r}")
+        _check(vars(self), "config")
 
     @property
     def is_moe(self) -> bool:
@@ -92,15 +71,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, source: str | os.PathLike = "config") -> ModelConfig:
+        """A config from the keys of a JSON or TOML file; problems are reported against `source`."""
+        data = _object(data, source)
+        unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
-            raise ConfigError(f"config: unknown keys {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ConfigError(f"config: {e}") from None
+            raise ConfigError(f"{source}: unknown keys {', '.join(unknown)}")
+        missing = [name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING and name not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing key {missing[0]!r}")
+        return _build(source, data)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -108,8 +88,113 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path), path)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+_POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
+             "norm_eps", "max_seq_len", "sliding_window")
+_NON_NEGATIVE = ("n_experts", "top_k", "router_aux_loss_coef", "router_z_loss_coef", "bos_id", "eos_id")
+_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "moe_impl": MOE_IMPLS, "grouped_kernel": GROUPED_KERNELS,
+            "layout": LAYOUTS, "attention_impl": ATTENTION_IMPLS}
+# A field's annotation -> what its value must be, and the test. A bool is an int to Python but never a count
+# here, and a float must be finite: the model computes with these and shapes its arrays by them.
+_TYPES = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "int | None": ("an integer or null", lambda v: v is None or isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number",
+              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` as the field `name` (a phrase to follow the field's name), or None."""
+    if name in _CHOICES:
+        if isinstance(value, str) and value in _CHOICES[name]:
+            return None
+        return f"must be one of {', '.join(_CHOICES[name])}, got {_show(value)}"
+    what, test = _TYPES[_FIELDS[name].type]
+    if not test(value):
+        return f"must be {what}, got {_show(value)}"
+    if value is None:
+        return None
+    if name in _POSITIVE and value <= 0:
+        return f"must be positive{' or null' if name == 'sliding_window' else ''}, got {_show(value)}"
+    if name in _NON_NEGATIVE and value < 0:
+        return f"must not be negative, got {_show(value)}"
+    return None
+
+
+def _check(values: Mapping[str, Any], source: str | os.PathLike, keys: Mapping[str, str] | None = None) -> None:
+    """Raise a ConfigError `SOURCE: KEY ...` for the first problem of a config's field values; `keys` maps
+    fields to the names a foreign file gives them."""
+    keys = keys or {}
+
+    def key(name: str) -> str:
+        return keys.get(name, name)
+
+    for name in _FIELDS:
+        problem = _field_problem(name, values[name])
+        if problem:
+            raise ConfigError(f"{source}: {key(name)} {problem}")
+    v = values
+    if v["n_heads"] % v["n_kv_heads"]:
+        raise ConfigError(f"{source}: {key('n_heads')} ({v['n_heads']}) must be a multiple of "
+                          f"{key('n_kv_heads')} ({v['n_kv_heads']})")
+    if v["n_experts"] and not 0 < v["top_k"] <= v["n_experts"]:
+        raise ConfigError(f"{source}: {key('top_k')} must be in [1, {v['n_experts']}], got {v['top_k']}")
+    for name in ("bos_id", "eos_id"):
+        if v[name] >= v["vocab_size"]:
+            raise ConfigError(f"{source}: {key(name)} ({v[name]}) must be below {key('vocab_size')} "
+                              f"({v['vocab_size']})")
+
+
+def _build(source: str | os.PathLike, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> ModelConfig:
+    """A ModelConfig of `values` read from `source`, checked first so that problems name the file and its keys."""
+    defaults = {name: f.default for name, f in _FIELDS.items() if f.default is not dataclasses.MISSING}
+    _check({**defaults, **values}, source, keys)
+    return ModelConfig(**values)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in the file `path`; a ConfigError naming the file when it is unreadable, not JSON or
+    not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    return _object(data, path)
+
+
+def _object(data: Any, source: str | os.PathLike, key: str | None = None) -> dict[str, Any]:
+    """`data` if it is a JSON object (a dict), else a ConfigError naming `source` (and the `key` holding it)."""
+    if isinstance(data, dict):
+        return data
+    where = f"{key} must be" if key else "expected"
+    raise ConfigError(f"{source}: {where} a JSON object, got {_json_kind(data)}")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return next((kind for t, kind in kinds.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    """A value as the JSON file would spell it (`"4096"`, `null`, `true`)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def preset_names() -> list[str]:
@@ -121,77 +206,130 @@ def preset(name: str) -> ModelConfig:
     """A named preset from `configs/models/NAME.toml`."""
     if name not in preset_names():
         raise ConfigError(f"unknown config {name!r}; presets: {', '.join(preset_names())}")
-    text = importlib.resources.files("mixtral_jax.configs.models").joinpath(f"{name}.toml").read_text()
-    return ModelConfig.from_dict(tomllib.loads(text))
+    file = importlib.resources.files("mixtral_jax.configs.models").joinpath(f"{name}.toml")
+    return ModelConfig.from_dict(tomllib.loads(file.read_text()), str(file))
 
 
-def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
-    """A Hugging Face `config.json` (model_type mixtral or mistral), old and new rope layouts."""
-    model_type = hf.get("model_type", "mixtral")
+# ModelConfig field -> its key in a Hugging Face `config.json`, and in Mistral's `params.json`.
+_HF_KEYS = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "ffn_dim": "intermediate_size", "n_experts": "num_local_experts", "top_k": "num_experts_per_tok",
+    "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+    "sliding_window": "sliding_window", "tie_embeddings": "tie_word_embeddings",
+    "router_aux_loss_coef": "router_aux_loss_coef", "bos_id": "bos_token_id", "eos_id": "eos_token_id",
+}
+_PARAMS_KEYS = {
+    "vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+    "n_kv_heads": "n_kv_heads", "head_dim": "head_dim", "ffn_dim": "hidden_dim", "n_experts": "moe.num_experts",
+    "top_k": "moe.num_experts_per_tok", "rope_theta": "rope_theta", "norm_eps": "norm_eps",
+    "max_seq_len": "max_seq_len", "sliding_window": "sliding_window",
+}
+_REQUIRED = object()
+
+
+class _Reader:
+    """The fields of a foreign config file, each checked as it is read so that a problem names the file's key.
+
+    An absent or null key takes the default given; without one it is an error.
+    """
+
+    def __init__(self, data: Any, source: str | os.PathLike, keys: Mapping[str, str]):
+        self.data, self.source, self.keys = _object(data, source), source, keys
+
+    def __call__(self, name: str, default: Any = _REQUIRED, key: str | None = None) -> Any:
+        """The field `name`, stored under `key` (default: its key in `keys`; `moe.num_experts` is a key of the
+        object under `moe`)."""
+        key = key or self.keys[name]
+        *outer, last = key.split(".")
+        data = self.data
+        for part in outer:
+            data = _object(data.get(part) or {}, self.source, part)
+        value = data.get(last)
+        if value is None and default is not _REQUIRED:
+            return default
+        if last not in data:
+            raise ConfigError(f"{self.source}: missing key {key!r}")
+        return self.check(name, key, value)
+
+    def check(self, name: str, key: str, value: Any) -> Any:
+        problem = _field_problem(name, value)
+        if problem:
+            raise ConfigError(f"{self.source}: {key} {problem}")
+        return value
+
+    def build(self, **values: Any) -> ModelConfig:
+        return _build(self.source, values, self.keys)
+
+
+def from_hf_config(hf: Mapping[str, Any], source: str | os.PathLike = "config.json") -> ModelConfig:
+    """A Hugging Face `config.json` (model_type mixtral or mistral), old and new rope layouts; problems are
+    reported against `source`."""
+    read = _Reader(hf, source, _HF_KEYS)
+    model_type = read.data.get("model_type", "mixtral")
     if model_type not in ("mixtral", "mistral"):
-        raise ConfigError(f"config.json: model_type {model_type!r} is not mixtral or mistral")
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta"))
+        raise ConfigError(f"{source}: model_type {_show(model_type)} is not mixtral or mistral")
+    rope = _object(read.data.get("rope_parameters") or {}, source, "rope_parameters")
+    if rope.get("rope_type", "default") != "default" or read.data.get("rope_scaling"):
+        raise ConfigError(f"{source}: only default RoPE is supported (no rope scaling)")
+    moe = model_type == "mixtral"
+    theta = read("rope_theta", None, "rope_parameters.rope_theta")
     if theta is None:
-        theta = 1e6 if model_type == "mixtral" else 1e4
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise ConfigError("config.json: only default RoPE is supported (no rope scaling)")
-    try:
-        n_heads = hf["num_attention_heads"]
-        moe = model_type == "mixtral"
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            ffn_dim=hf["intermediate_size"],
-            n_experts=hf.get("num_local_experts", 8) if moe else 0,
-            top_k=hf.get("num_experts_per_tok", 2) if moe else 0,
-            rope_theta=float(theta),
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            max_seq_len=hf.get("max_position_embeddings", 32768),
-            sliding_window=hf.get("sliding_window"),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.02) if moe else 0.0,
-            bos_id=_first(hf.get("bos_token_id"), 1),
-            eos_id=_first(hf.get("eos_token_id"), 2),
-            dtype=_hf_dtype(hf),
-            param_dtype=_hf_dtype(hf),
-        )
-    except KeyError as e:
-        raise ConfigError(f"config.json: missing key {e.args[0]!r}") from None
+        theta = read("rope_theta", 1e6 if moe else 1e4)
+    dim, n_heads = read("dim"), read("n_heads")
+    return read.build(
+        vocab_size=read("vocab_size"),
+        dim=dim,
+        n_layers=read("n_layers"),
+        n_heads=n_heads,
+        n_kv_heads=read("n_kv_heads", n_heads),
+        head_dim=read("head_dim", dim // n_heads),
+        ffn_dim=read("ffn_dim"),
+        n_experts=read("n_experts", 8) if moe else 0,
+        top_k=read("top_k", 2) if moe else 0,
+        rope_theta=float(theta),
+        norm_eps=read("norm_eps", 1e-5),
+        max_seq_len=read("max_seq_len", 32768),
+        sliding_window=read("sliding_window", None),
+        tie_embeddings=read("tie_embeddings", False),
+        router_aux_loss_coef=read("router_aux_loss_coef", 0.02) if moe else 0.0,
+        bos_id=_first_id(read, "bos_id", 1),
+        eos_id=_first_id(read, "eos_id", 2),
+        dtype=_hf_dtype(read.data),
+        param_dtype=_hf_dtype(read.data),
+    )
 
 
-def from_params_json(params: Mapping[str, Any]) -> ModelConfig:
-    """Mistral's `params.json`; without `rope_theta` a MoE model means Mixtral's 1e6."""
-    moe = params.get("moe") or {}
-    try:
-        n_heads = params["n_heads"]
-        return ModelConfig(
-            vocab_size=params["vocab_size"],
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads", n_heads),
-            head_dim=params.get("head_dim") or params["dim"] // n_heads,
-            ffn_dim=params["hidden_dim"],
-            n_experts=moe.get("num_experts", 0),
-            top_k=moe.get("num_experts_per_tok", 0),
-            rope_theta=float(params.get("rope_theta", 1e6 if moe else 1e4)),
-            norm_eps=params.get("norm_eps", 1e-5),
-            max_seq_len=params.get("max_seq_len", 32768),
-            sliding_window=params.get("sliding_window"),
-        )
-    except KeyError as e:
-        raise ConfigError(f"params.json: missing key {e.args[0]!r}") from None
+def from_params_json(params: Mapping[str, Any], source: str | os.PathLike = "params.json") -> ModelConfig:
+    """Mistral's `params.json`; without `rope_theta` a MoE model means Mixtral's 1e6. Problems are reported
+    against `source`."""
+    read = _Reader(params, source, _PARAMS_KEYS)
+    moe = bool(_object(read.data.get("moe") or {}, source, "moe"))
+    dim, n_heads = read("dim"), read("n_heads")
+    return read.build(
+        vocab_size=read("vocab_size"),
+        dim=dim,
+        n_layers=read("n_layers"),
+        n_heads=n_heads,
+        n_kv_heads=read("n_kv_heads", n_heads),
+        head_dim=read("head_dim", dim // n_heads),
+        ffn_dim=read("ffn_dim"),
+        n_experts=read("n_experts", 0),
+        top_k=read("top_k", 0),
+        rope_theta=float(read("rope_theta", 1e6 if moe else 1e4)),
+        norm_eps=read("norm_eps", 1e-5),
+        max_seq_len=read("max_seq_len", 32768),
+        sliding_window=read("sliding_window", None),
+    )
 
 
-def _first(value: int | list[int] | None, default: int) -> int:
-    if isinstance(value, list):
-        return value[0] if value else default
-    return default if value is None else value
+def _first_id(read: _Reader, name: str, default: int) -> int:
+    """A token id, which a Hugging Face config may give as a list of ids (the first counts)."""
+    key = read.keys[name]
+    ids = read.data.get(key)
+    if isinstance(ids, list):
+        return read.check(name, key, ids[0]) if ids else default
+    return read(name, default)
 
 
 def _hf_dtype(hf: Mapping[str, Any]) -> str:

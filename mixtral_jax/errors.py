@@ -19,3 +19,7 @@ class ChatFormatError(MixtralError):
 
 class DataError(MixtralError):
     """Training data that is missing, unreadable or too short for the requested batches."""
+
+
+class TrainingDiverged(MixtralError):
+    """A training step whose loss or gradient is not finite."""

@@ -282,7 +282,9 @@ class _Run:
                  chunk):
         cfg = model.config
         check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
-        sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size)
+        tokenizer = model.tokenizer
+        sampler = Sampler.create(temperature, top_k, top_p, cfg.vocab_size,
+                                 None if tokenizer is None else tokenizer.vocab_size)
         self.model = model
         lengths = [len(p) for p in prompts]
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
@@ -292,7 +294,7 @@ class _Run:
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):
             tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]
-        eos = model.tokenizer.eos_id if model.tokenizer is not None else cfg.eos_id
+        eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_id
         self.args = _replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
                                         jax.random.key(seed), sampler))
         self.static = dict(cfg=cfg, chunk=chunk, slots=cache_slots(cfg, max(lengths) + max_new_tokens),

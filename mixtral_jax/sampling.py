@@ -23,19 +23,24 @@ class Sampler:
     top_p: jax.Array | None  # [] float32 in (0, 1]; None keeps the whole distribution
     top_k: int | None = flax.struct.field(pytree_node=False, default=None)
     greedy: bool = flax.struct.field(pytree_node=False, default=True)
+    n_valid: int | None = flax.struct.field(pytree_node=False, default=None)  # ids >= this are never drawn
 
     @classmethod
     def create(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               vocab_size: int | None = None) -> Sampler:
-        """Checked settings; top-k of at least the vocabulary and top-p of 1 are no filter at all."""
+               vocab_size: int | None = None, n_valid: int | None = None) -> Sampler:
+        """Checked settings; top-k of at least the vocabulary and top-p of 1 are no filter at all. `n_valid`:
+        only ids below it may come out (a tokenizer smaller than the model's padded vocabulary)."""
         check_settings(temperature, top_k, top_p)
         if top_k is not None and vocab_size is not None and top_k >= vocab_size:
             top_k = None
+        if n_valid is not None and vocab_size is not None and n_valid >= vocab_size:
+            n_valid = None
         return cls(
             temperature=jnp.float32(temperature),
             top_p=None if top_p is None or top_p == 1 else jnp.float32(top_p),
             top_k=None if top_k is None else int(top_k),
             greedy=temperature == 0,
+            n_valid=None if n_valid is None else int(n_valid),
         )
 
 
@@ -68,6 +73,8 @@ def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
 
 def sample(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
     """Logits [B, V] -> token ids [B] int32: the argmax when greedy, else a draw from `filter_logits`."""
+    if sampler.n_valid is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampler.n_valid, logits, NEG_INF)
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampler), axis=-1).astype(jnp.int32)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import sentencepiece
 
-from mixtral_jax.errors import ChatFormatError, CheckpointError
+from mixtral_jax.errors import ChatFormatError, CheckpointError, MixtralError
 
 _ROLES = ("system", "user", "assistant")
 _JOIN = "\n\n"  # mistral-common joins merged messages and system prompts with this
@@ -62,12 +62,16 @@ class Tokenizer:
         return None if pad < 0 else pad
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return self._sp.encode(text, add_bos=bos, add_eos=eos)
+        return self._sp.encode(_checked(text), add_bos=bos, add_eos=eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` with control ids (BOS, EOS) dropped first, so they never split a UTF-8
         sequence spelled in byte pieces."""
-        return self._sp.decode([int(i) for i in ids if int(i) not in self._control_ids])
+        ids = [int(i) for i in ids]
+        unknown = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if unknown is not None:
+            raise MixtralError(f"token id {unknown} is outside the tokenizer's {self.vocab_size} pieces")
+        return self._sp.decode([i for i in ids if i not in self._control_ids])
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
@@ -97,6 +101,18 @@ class Tokenizer:
         return ids
 
 
+def _checked(text: str) -> str:
+    """`text`, if it is valid Unicode: text read from invalid UTF-8 (a command line, a pipe) carries the bad
+    bytes as lone surrogates, which SentencePiece cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise MixtralError(f"the text is not valid UTF-8 ({what} at character {e.start})") from None
+    return text
+
+
 def _chat_turns(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
     """Validate `messages` as mistral-common's v1 validator does; merge them as its normaliser does.
 
@@ -114,6 +130,7 @@ def _chat_turns(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list
             raise ChatFormatError(f"message {i} has role {role!r}; expected 'system', 'user' or 'assistant'")
         if not isinstance(content, str):
             raise ChatFormatError(f"message {i} ({role}) content must be a string, not {type(content).__name__}")
+        _checked(content)
         if role == "assistant" and not content:
             raise ChatFormatError(f"message {i} (assistant) has empty content")
         if role == "system" and i > 0 and pairs[-1][0] == "assistant":

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -27,11 +29,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import api, data, losses, trained
+from mixtral_jax import api, data, losses, outputs, trained
 from mixtral_jax import sharding as sh
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert.sources import TOKENIZER_FILES
-from mixtral_jax.errors import ConfigError
+from mixtral_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from mixtral_jax.model import Transformer
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path
 
@@ -52,6 +54,19 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 100
     keep: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "decay_steps", "log_every", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        for name in ("lr", "clip_norm"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number above 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "end_lr_ratio"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
 
 
 def schedule(tc: TrainConfig) -> optax.Schedule:
@@ -94,10 +109,20 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: jax.Array) -> tuple[jax.
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: Any, opt_state: Any,
                batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """One update; where the loss, the gradient norm or the updated parameters are not finite, the state
+    comes back unchanged and `parts["finite"]` is False, so no state a checkpoint could save is ever NaN."""
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
     parts["grad_norm"] = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = (jnp.isfinite(parts["total_loss"]) & jnp.isfinite(parts["grad_norm"])
+              & jnp.isfinite(optax.global_norm(new_params)))
+    parts["finite"] = finite
+
+    def keep(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(finite, new, old)
+
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), parts
 
 
 def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc: TrainConfig, *,
@@ -106,22 +131,30 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
           z_loss: float | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train a new model (`config`) or fine-tune a checkpoint (`init`) into OUTPUT; resume if it holds a run.
 
-    `z_loss` sets the router z-loss coefficient (None: the config's).
+    `z_loss` sets the router z-loss coefficient (None: the config's). A step whose loss or gradient is not
+    finite stops the run with a `TrainingDiverged` error; the checkpoints saved before it are kept. A run
+    folder this call created is removed again if it fails before its first checkpoint.
 
     Returns the metrics logged by this call (also appended to OUTPUT/metrics.jsonl).
     """
     if (config is None) == (init is None):
         raise ConfigError("give exactly one of a model config and an initial checkpoint")
+    if z_loss is not None and not 0 <= z_loss < math.inf:
+        raise ConfigError(f"z_loss must be a finite number of at least 0, got {z_loss}")
     output = Path(output)
+    _check_output(output)
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sh.make_mesh(mesh)
     _check_batch(tc, mesh)
     if init is not None:
         model = api.load(init, dtype="float32", mesh=mesh)
         tokenizer = tokenizer or tokenizer_file(Path(init))
     else:
-        model = api.init_random(api.resolve_config(config), seed=tc.seed, dtype="float32", mesh=mesh)
+        cfg = api.resolve_config(config)
+        _check_length(tc, cfg)  # before the initialisation compiles
+        model = api.init_random(cfg, seed=tc.seed, dtype="float32", mesh=mesh)
         tokenizer = tokenizer or default_tokenizer_path()
     cfg = model.config if z_loss is None else model.config.replace(router_z_loss_coef=z_loss)
+    _check_length(tc, cfg)
     if tokenizer is None:
         raise ConfigError(f"{init}: no tokenizer in the checkpoint folder; pass --tokenizer")
     tok = Tokenizer(tokenizer)
@@ -129,32 +162,50 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
         raise ConfigError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
     tokens = data.tokenize_files(data_files, tok)
     batches = data.Batches(tokens, tc.batch_size, tc.seq_len, tc.seed)
-    occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
-    if occupied and not (output / trained.MODEL_CONFIG).is_file():
-        raise ConfigError(f"{output}: exists and holds no training run; choose a new or empty output folder")
-    output.mkdir(parents=True, exist_ok=True)
-    _write_or_check(output / trained.MODEL_CONFIG, cfg.to_dict(), "a different model")
-    _write_or_check(output / trained.TRAIN_CONFIG, {**_resume_fields(tc), "data_tokens": len(tokens)},
-                    "other training settings or data")
-    if not (output / trained.TOKENIZER).is_file():
-        _atomic_copy(Path(tokenizer), output / trained.TOKENIZER)
+    created = not output.exists()
+    try:
+        with outputs.writing(output):
+            return _run(output, cfg, tc, model, tokens, batches, Path(tokenizer), mesh, progress)
+    except BaseException:
+        if created and not _saved_steps(output):
+            shutil.rmtree(output, ignore_errors=True)  # nothing of this run is worth keeping
+        raise
 
+
+def _run(output: Path, cfg: ModelConfig, tc: TrainConfig, model: api.Mixtral, tokens: np.ndarray,
+         batches: data.Batches, tokenizer: Path, mesh: jax.sharding.Mesh, progress: bool) -> list[dict[str, float]]:
+    """The training loop of `train`, in its OUTPUT folder."""
+    output.mkdir(parents=True, exist_ok=True)
+    outputs.mark(output, "training")
+    mngr = trained.manager(output, keep=tc.keep, save_every=tc.save_every)
+    try:
+        start = mngr.latest_step() or 0
+        fresh = start == 0  # a run with no checkpoint yet takes the settings of this call
+        _write_or_check(output / trained.MODEL_CONFIG, cfg.to_dict(), "a different model", fresh)
+        _write_or_check(output / trained.TRAIN_CONFIG, {**_resume_fields(tc), **_fingerprint(tokens)},
+                        "other training settings or data", fresh)
+        if fresh or not (output / trained.TOKENIZER).is_file():
+            _atomic_copy(tokenizer, output / trained.TOKENIZER)
+        if start > tc.steps:
+            raise ConfigError(f"{output} is already at step {start}, past --steps {tc.steps}")
+        if start == tc.steps:
+            return []
+        return _loop(output, cfg, tc, model, batches, mesh, mngr, start, progress)
+    finally:
+        mngr.close()
+
+
+def _loop(output: Path, cfg: ModelConfig, tc: TrainConfig, model: api.Mixtral, batches: data.Batches,
+          mesh: jax.sharding.Mesh, mngr, start: int, progress: bool) -> list[dict[str, float]]:
     tx, lr = optimizer(tc), schedule(tc)
     params = nnx.to_pure_dict(model.params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     with sh.rules_context(mesh):
         opt_state = jax.jit(tx.init)(params)
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    mngr = trained.manager(output, keep=tc.keep, save_every=tc.save_every)
-    start = mngr.latest_step() or 0
-    if start > tc.steps:
-        raise ConfigError(f"{output} is already at step {start}, past --steps {tc.steps}")
-    if start == tc.steps:
-        mngr.close()
-        return []
     if start:
-        params, opt_state, progress = trained.restore(mngr, start, params, opt_state)
-        position = progress["data_position"]
+        params, opt_state, restored = trained.restore(mngr, start, params, opt_state)
+        position = restored["data_position"]
     else:
         position = 0
     _truncate_metrics(output / trained.METRICS, start)
@@ -171,27 +222,35 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
     logged: list[dict[str, float]] = []
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     tick, tokens = time.perf_counter(), 0
-    with sh.rules_context(mesh), open(output / trained.METRICS, "a") as metrics_file:
-        for step in range(start + 1, tc.steps + 1):
-            batch = jax.device_put(batches.batch(position), batch_sharding)
-            params, opt_state, parts = step_fn(params, opt_state, batch)
-            position += 1
-            tokens += tc.batch_size * tc.seq_len
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                record = {"step": step, **{k: float(v) for k, v in parts.items()},
-                          "lr": float(lr(step - 1)), "tokens_per_s": tokens / (now - tick)}
-                tick, tokens = now, 0
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                logged.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record.get('aux_loss', 0.0):.3f}")
-            bar.update(1)
-            trained.save(mngr, step, params, opt_state, {"step": step, "data_position": position},
-                         force=step == tc.steps)
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+        with sh.rules_context(mesh), open(output / trained.METRICS, "a") as metrics_file:
+            for step in range(start + 1, tc.steps + 1):
+                batch = jax.device_put(batches.batch(position), batch_sharding)
+                params, opt_state, parts = step_fn(params, opt_state, batch)
+                if not bool(parts.pop("finite")):  # the state is the last step's: nothing of this one is saved
+                    saved = mngr.latest_step()
+                    raise TrainingDiverged(
+                        f"step {step}: loss {float(parts['loss']):.4g}, gradient norm {float(parts['grad_norm']):.4g}: "
+                        "training diverged and stopped; "
+                        + (f"the last checkpoint, step {saved}, is kept" if saved else "no checkpoint was saved")
+                        + " (a lower --lr or more --warmup-steps may help, in a new --output)")
+                position += 1
+                tokens += tc.batch_size * tc.seq_len
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    record = {"step": step, **{k: float(v) for k, v in parts.items()},
+                              "lr": float(lr(step - 1)), "tokens_per_s": tokens / (now - tick)}
+                    tick, tokens = now, 0
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    logged.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record.get('aux_loss', 0.0):.3f}")
+                bar.update(1)
+                trained.save(mngr, step, params, opt_state, {"step": step, "data_position": position},
+                             force=step == tc.steps)
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
     return logged
 
 
@@ -216,12 +275,28 @@ def _eval_loss(graphdef: nnx.GraphDef, params: Any, batch: jax.Array) -> jax.Arr
     return loss_fn(params, graphdef, batch)[1]["loss"]
 
 
+def _check_output(output: Path) -> None:
+    """Refuse an OUTPUT that exists and is neither an empty folder nor a training run, or cannot be made."""
+    outputs.check_parents(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir()) and outputs.kind_of(output) != "training"):
+        raise ConfigError(f"{output}: exists and holds no training run; choose a new or empty output folder")
+
+
 def _check_batch(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
-    if tc.steps < 1 or tc.batch_size < 1 or tc.seq_len < 1:
-        raise ConfigError("steps, batch size and sequence length must be positive")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if tc.batch_size % shards:
         raise ConfigError(f"batch size {tc.batch_size} is not divisible by data x fsdp = {shards}")
+
+
+def _check_length(tc: TrainConfig, cfg: ModelConfig) -> None:
+    if tc.seq_len > cfg.max_seq_len:
+        raise ConfigError(f"sequence length {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+
+
+def _saved_steps(output: Path) -> list[int]:
+    """The steps saved in a run folder (Orbax names each step's folder by its number once it is complete)."""
+    folder = output / trained.CHECKPOINTS
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
 def tokenizer_file(folder: Path) -> Path | None:
@@ -240,10 +315,16 @@ def _resume_fields(tc: TrainConfig) -> dict[str, Any]:
     return fields
 
 
-def _write_or_check(path: Path, record: dict[str, Any], what: str) -> None:
-    """Write `record` as JSON, or check that the file a previous run wrote holds the same."""
-    if path.is_file():
-        stored = json.loads(path.read_text())
+def _fingerprint(tokens: np.ndarray) -> dict[str, Any]:
+    """What identifies the training data: its token count and a hash of the token stream."""
+    return {"data_tokens": len(tokens), "data_sha256": hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()}
+
+
+def _write_or_check(path: Path, record: dict[str, Any], what: str, replace: bool) -> None:
+    """Write `record` as JSON (when `replace`, or no run wrote the file yet), or check that the file a
+    previous run wrote holds the same."""
+    if path.is_file() and not replace:
+        stored = _read_json(path)
         if stored != record:
             changed = sorted(k for k in record.keys() | stored.keys() if stored.get(k) != record.get(k))
             raise ConfigError(f"{path.parent} holds a run with {what} ({', '.join(changed)}); "
@@ -254,6 +335,16 @@ def _write_or_check(path: Path, record: dict[str, Any], what: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(stored).__name__}")
+    return stored
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
@@ -261,8 +352,21 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the restored step (logged after the last checkpoint of an interrupted run)."""
+    """Drop records past the restored step (logged after the last checkpoint of an interrupted run), and a
+    last line a killed run left half-written."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+            if not isinstance(record_step, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise CheckpointError(f"{path}: line {number} is not a metrics record with an integer 'step'") from None
+        if record_step <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mixtral_jax import checkpoint
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import CheckpointError
 
@@ -36,10 +37,16 @@ def is_training_output(path: str | os.PathLike) -> bool:
 
 def manager(output: str | os.PathLike, keep: int = 3, save_every: int = 1,
             read_only: bool = False) -> ocp.CheckpointManager:
-    """The CheckpointManager of `OUTPUT/checkpoints`, keeping the last `keep` steps."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=not read_only, read_only=read_only
-    )
+    """The CheckpointManager of `OUTPUT/checkpoints`, keeping the last `keep` steps.
+
+    `read_only`: a manager to restore from, which creates and deletes nothing. Orbax's own `read_only` option
+    logs warnings each time (that it resets the other options, that the folder is read-only), so a loader's
+    manager is one that keeps every step and is never asked to save.
+    """
+    if read_only:
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every)
     return ocp.CheckpointManager(Path(output).absolute() / CHECKPOINTS, options=options,
                                  item_names=("params", "opt_state", "progress"))
 
@@ -54,46 +61,64 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, pr
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, int]]:
-    """The items of `step`, the arrays restored into the shapes, dtypes and shardings of the given trees."""
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params)), opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-        progress=ocp.args.JsonRestore(),
-    ))
-    return restored["params"], restored["opt_state"], restored["progress"]
+    """The items of `step`, the arrays restored into the shapes, dtypes and shardings of the given trees; the
+    progress holds the `data_position` to continue from. A damaged step is a CheckpointError naming it."""
+    folder = _step_folder(mngr, step)
+    for item in ("params", "opt_state"):
+        checkpoint.stored_tree(folder / item)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params)),
+            opt_state=ocp.args.StandardRestore(_abstract(opt_state)), progress=ocp.args.JsonRestore(),
+        ))
+    except Exception as e:
+        raise checkpoint.unreadable(folder, e) from None
+    progress = restored["progress"]
+    position = progress.get("data_position") if isinstance(progress, dict) else None
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise CheckpointError(f"{folder}: unreadable checkpoint (its progress holds no data_position, "
+                              "a non-negative integer)")
+    return restored["params"], restored["opt_state"], progress
 
 
-def restore_trained_params(output: str | os.PathLike, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
-    """The parameters of the latest step in a training OUTPUT, placed with `shardings`.
-
-    `abstract_state` gives the tree and dtypes (a dtype other than float32 casts on restore).
-    """
+def latest_step_folder(output: str | os.PathLike) -> Path:
+    """The folder of the latest saved step of a training OUTPUT, `OUTPUT/checkpoints/STEP`."""
     mngr = manager(output, read_only=True)
-    step = mngr.latest_step()
+    try:
+        step = mngr.latest_step()
+    finally:
+        mngr.close()
     if step is None:
         raise CheckpointError(f"{output}: the training run has no saved step yet")
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings),
-    )
-    pure = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    mngr.close()
-    state = jax.tree.map(lambda x: x, abstract_state)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+    return _step_folder(mngr, step)
+
+
+def restore_trained_params(output: str | os.PathLike, abstract_state: nnx.State,
+                           mesh: jax.sharding.Mesh) -> nnx.State:
+    """The parameters of the latest step in a training OUTPUT, in the sharding their logical axes imply on `mesh`.
+
+    `abstract_state` gives the tree and dtypes (a dtype other than float32 casts on restore). The step's
+    `params` item is read as a model folder's `params/` is (`checkpoint.restore`), with the same checks and
+    the same one-line errors for a damaged file.
+    """
+    return checkpoint.restore(latest_step_folder(output), jax.tree.map(lambda x: x, abstract_state), mesh)
 
 
 def load_trained(output: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None):
     """A `Mixtral` handle with the latest weights of a training OUTPUT (and its tokenizer)."""
     from mixtral_jax import api
-    from mixtral_jax import sharding as sh
 
     output = Path(output)
     cfg = ModelConfig.load(output / MODEL_CONFIG).with_dtype(dtype)
     mesh = api.default_mesh(mesh)
     graphdef, abstract = api.abstract_model(cfg)
-    params = restore_trained_params(output, abstract, sh.named_shardings(abstract, mesh))
+    params = restore_trained_params(output, abstract, mesh)
     tokenizer = output / TOKENIZER
     return api.Mixtral(cfg, graphdef, params, api._tokenizer(tokenizer if tokenizer.is_file() else None), mesh)
+
+
+def _step_folder(mngr: ocp.CheckpointManager, step: int) -> Path:
+    return Path(mngr.directory) / str(step)
 
 
 def _abstract(tree: Any) -> Any:

@@ -1,6 +1,7 @@
 """Recipe of the built-in demo model: a small Mixtral trained from scratch on Python's standard library.
 
-    python scripts/train_demo.py [--work build/demo] [--steps 1000]
+    python scripts/train_demo.py [--work build/demo] [--steps 1000]     # train, evaluate, export to WORK/model
+    python scripts/train_demo.py [--work build/demo] --install          # then, as its own step: ship WORK/model
 
 1. corpus: the standard library's `.py` files (PSF license) outside test folders; every 20th file (sorted
    by path) is held out for validation;
@@ -8,8 +9,9 @@
    training files;
 3. `mixtral-jax train --config scripts/demo_config.json ...` (the command is printed);
 4. validation perplexity, training time, a greedy sample and the loss curve (`WORK/summary.json`), and
-   `mixtral-jax export ... --dtype bfloat16` into `mixtral_jax/assets/demo/`.
-Each stage is skipped when its output exists, so the script also resumes an interrupted training run.
+   `mixtral-jax export WORK/run WORK/model --dtype bfloat16`.
+Each stage is skipped when its output exists, so the script also resumes an interrupted training run. Nothing
+of the package changes until `--install` copies `WORK/model` over `mixtral_jax/assets/demo/`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -63,7 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
     parser.add_argument("--steps", type=int, default=1000, help="stop after this many steps (default 1000)")
+    parser.add_argument("--install", action="store_true",
+                        help="only copy WORK/model, made by an earlier run, over the package's demo model")
     args = parser.parse_args()
+    if args.install:
+        install(args.work / "model")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     train_files, val_files = corpus(args.work)
     spm_model = tokenizer(args.work, train_files)
@@ -87,7 +95,7 @@ def main() -> None:
 
 def report(run: Path, spm_model: Path, val_files: list[Path], work: Path) -> None:
     """Validation perplexity, training time, a greedy sample and the loss curve into WORK/summary.json;
-    then the export into the package."""
+    then the export into WORK/model."""
     import math
 
     import mixtral_jax
@@ -110,8 +118,25 @@ def report(run: Path, spm_model: Path, val_files: list[Path], work: Path) -> Non
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2), flush=True)
-    if cli(["export", str(run), str(DEMO), "--dtype", "bfloat16", "--force"]):
+    model_dir = work / "model"
+    if cli(["export", str(run), str(model_dir), "--dtype", "bfloat16", "--force"]):
         raise SystemExit("export failed")
+    print(f"exported {model_dir}; `python scripts/train_demo.py --work {work} --install` ships it", flush=True)
+
+
+def install(model_dir: Path) -> None:
+    """Replace the package's demo model by `model_dir` (an export of this recipe), the old one only once
+    the new one is in place beside it."""
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise SystemExit(f"{model_dir}: no exported demo model here; run the recipe first")
+    new, old = DEMO.with_name(".demo.new"), DEMO.with_name(".demo.old")
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.copytree(model_dir, new, ignore=shutil.ignore_patterns(".*"))
+    shutil.rmtree(old, ignore_errors=True)
+    DEMO.rename(old)
+    new.rename(DEMO)
+    shutil.rmtree(old)
+    print(f"installed {model_dir} as {DEMO}")
 
 
 if __name__ == "__main__":

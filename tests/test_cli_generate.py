@@ -118,7 +118,7 @@ def test_readme_command_streams_the_same_text_and_names_the_default_model(defaul
 
 
 def _chat(capsys, monkeypatch, model, stdin: str, *argv: str, answer: list[int] | None = None):
-    """Run `chat` on `stdin` with `model`; returns (exit code, stdout, [(prompt ids, new ids)] per turn).
+    """Run `chat` on `stdin` with `model`; returns (exit code, stdout, [(prompt ids, new ids)] per turn, stderr).
     With `answer`, every turn streams those ids instead of running the model."""
     calls, original = [], Mixtral.stream
 
@@ -131,14 +131,14 @@ def _chat(capsys, monkeypatch, model, stdin: str, *argv: str, answer: list[int] 
     monkeypatch.setattr(Mixtral, "stream", stream)
     monkeypatch.setattr(_common, "load_model", lambda args: model)
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code, out, _ = _run(capsys, "chat", *argv)
-    return code, out, calls
+    code, out, err = _run(capsys, "chat", *argv)
+    return code, out, calls, err
 
 
 def test_chat_keeps_the_history_with_the_system_prompts(capsys, monkeypatch, default_model, tokenizer):
     answer = tokenizer.encode("Four, I think.", bos=False) + [tokenizer.eos_id]
     text = tokenizer.decode(answer)
-    code, out, calls = _chat(capsys, monkeypatch, default_model, "Hello!\n\nWhat is 2+2?\n/exit\nnever read\n",
+    code, out, calls, _ = _chat(capsys, monkeypatch, default_model, "Hello!\n\nWhat is 2+2?\n/exit\nnever read\n",
                              "--safe", "--system", "Be brief.", answer=answer)
     assert code == 0 and len(calls) == 2  # the empty line is skipped; nothing after /exit is read
     assert out == (text + "\n") * 2
@@ -150,7 +150,7 @@ def test_chat_keeps_the_history_with_the_system_prompts(capsys, monkeypatch, def
 
 
 def test_chat_streams_the_model_answer_and_ends_at_end_of_input(capsys, monkeypatch, default_model, tokenizer):
-    code, out, calls = _chat(capsys, monkeypatch, default_model, "Hi", "--max-new-tokens", "7")
+    code, out, calls, _ = _chat(capsys, monkeypatch, default_model, "Hi", "--max-new-tokens", "7")
     assert code == 0 and len(calls) == 1
     assert calls[0][1] == default_model.generate([calls[0][0]], 7, temperature=0.7)[0]  # the CLI default
     assert out == tokenizer.decode(calls[0][1]) + "\n"
@@ -160,7 +160,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(capsys, monkeypatc
     small = default_model.with_options(max_seq_len=40)
     answer = tokenizer.encode("Fine.", bos=False) + [tokenizer.eos_id]
     lines = "".join(f"Message number {i}.\n" for i in range(4))
-    code, _, calls = _chat(capsys, monkeypatch, small, lines, "--max-new-tokens", "8", answer=answer)
+    code, _, calls, _ = _chat(capsys, monkeypatch, small, lines, "--max-new-tokens", "8", answer=answer)
     assert code == 0 and len(calls) == 4
     assert all(len(prompt) <= 40 - 8 for prompt, _ in calls)
     last = tokenizer.decode(calls[-1][0])
@@ -168,10 +168,10 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(capsys, monkeypatc
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
-    (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["generate", "--prompt", "x", "--top-k", "0"], "top_k must be an integer >= 1"),
-    (["chat", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
+    (["generate", "--prompt", "x", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+    (["generate", "--prompt", "x", "--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+    (["chat", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
     (["generate", "--prompt", "x", "--checkpoint", "/no/such/checkpoint"], "no such file or folder"),
     (["score", "--text", "x", "--checkpoint", "/no/such/checkpoint"], "no such file or folder"),
     (["generate", "--prompt", "x", "--mesh", "bogus"], "bad mesh spec"),
@@ -196,8 +196,8 @@ def test_prompt_over_the_context_is_one_line_and_a_nonzero_exit(capsys, hf_mixtr
 def test_console_script_error_has_no_traceback():
     proc = subprocess.run([CLI, "generate", "--prompt", "x", "--top-p", "1.5"], capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1
-    assert proc.stderr == "mixtral-jax generate: error: top_p must be in (0, 1], got 1.5\n"
+    assert proc.returncode == 2
+    assert proc.stderr == "mixtral-jax generate: error: argument --top-p: must be in (0, 1], got 1.5\n"
 
 
 @pytest.mark.slow
@@ -219,6 +219,120 @@ def test_two_processes_generate_transformers_greedy_tokens_and_only_process_0_pr
         for proc in procs:
             proc.kill()
     assert [proc.returncode for proc in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    lines = [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in outs[0][0].splitlines()]  # stdout holds the JSON lines and nothing else
     assert [line["ids"] for line in lines] == hf_greedy(hf_mixtral, tuple(map(tuple, PROMPTS)), NEW)
-    assert not any(line.startswith("{") for line in outs[1][0].splitlines())
+    assert outs[1][0] == ""
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"], ["score", "--text", "x"]])
+def test_an_empty_checkpoint_path_is_refused_not_the_default_model(capsys, command):
+    code, out, err = _run(capsys, *command, "--checkpoint", "")
+    assert code == 2 and out == ""
+    assert err == f"mixtral-jax {command[0]}: error: argument --checkpoint: expected a path, got an empty string\n"
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "a\udcffb"], ["score", "--text", "a\udcffb"],
+                                  ["chat", "--system", "a\udcffb"]])
+def test_text_that_is_not_utf8_is_one_line(capsys, monkeypatch, default_model, argv):
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates (here the byte 0xff)."""
+    monkeypatch.setattr(_common, "load_model", lambda args: default_model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code, out, err = _run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err == f"mixtral-jax {argv[0]}: error: the text is not valid UTF-8 (byte 0xff at character 1)\n"
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_keeps_talking(capsys, monkeypatch, default_model, tokenizer):
+    answer = tokenizer.encode("Yes.", bos=False) + [tokenizer.eos_id]
+    stdin = io.TextIOWrapper(io.BytesIO(b"first\nbad \xff line\nsecond\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    calls, answers = [], iter([answer, answer])
+    monkeypatch.setattr(Mixtral, "stream", lambda self, prompt, *a, **k: calls.append(list(prompt)) or next(answers))
+    monkeypatch.setattr(_common, "load_model", lambda args: default_model)
+    code, out, err = _run(capsys, "chat")
+    assert code == 0 and len(calls) == 2
+    assert err == "mixtral-jax chat: error: the text is not valid UTF-8 (byte 0xff at character 4)\n"
+    text = tokenizer.decode(answer).strip()
+    assert calls[1] == tokenizer.encode_chat([{"role": "user", "content": "first"},
+                                              {"role": "assistant", "content": text},
+                                              {"role": "user", "content": "second"}])
+
+
+def test_chat_refuses_a_message_too_long_for_the_context_and_keeps_the_history(capsys, monkeypatch, default_model,
+                                                                              tokenizer):
+    small = default_model.with_options(max_seq_len=48)
+    answer = tokenizer.encode("Fine.", bos=False) + [tokenizer.eos_id]
+    long_line = "word " * 60
+    code, _, calls, err = _chat(capsys, monkeypatch, small, f"Hello.\n{long_line}\nAgain.\n", "--max-new-tokens",
+                                "8", answer=answer)
+    assert code == 0 and len(calls) == 2
+    assert err.count("\n") == 1 and err.startswith("mixtral-jax chat: error: this message takes ")
+    assert err.endswith("more than the 40 that the context leaves beside --max-new-tokens; it was not sent\n")
+    text = tokenizer.decode(answer).strip()
+    assert calls[1][0] == tokenizer.encode_chat([{"role": "user", "content": "Hello."},
+                                                 {"role": "assistant", "content": text},
+                                                 {"role": "user", "content": "Again."}])
+
+
+def test_chat_option_errors_end_it_once_at_start(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\nthree\n"))
+    code, out, err = _run(capsys, "chat", "--max-new-tokens", "-5")
+    assert code == 2 and out == ""
+    assert err == "mixtral-jax chat: error: argument --max-new-tokens: must be at least 1, got -5\n"
+
+
+def test_a_model_vocabulary_larger_than_its_tokenizer_never_samples_unknown_ids(capsys, tmp_path, default_model,
+                                                                               tokenizer):
+    """Fine-tunes pad 32000 ids to 32064: the ids past the tokenizer are never sampled, even when the model
+    likes them best."""
+    import jax.numpy as jnp
+
+    import mixtral_jax
+    from mixtral_jax import checkpoint
+
+    cfg = default_model.config.replace(vocab_size=tokenizer.vocab_size + 64)
+    model = mixtral_jax.init_random(cfg, seed=0, dtype="float32")
+    head = model.params["lm_head"]
+    head.set_value(head.get_value().at[:, tokenizer.vocab_size:].set(1.0))  # the padded ids lead every logit
+    checkpoint.write_model(tmp_path / "padded", model.config, model.params, tokenizer=_common_tokenizer_path())
+    code, out, err = _run(capsys, "generate", "--checkpoint", str(tmp_path / "padded"), "--prompt", "def f",
+                          "--prompt", "x", "--max-new-tokens", "6", "--json", "--temperature", "1.5", "--top-k", "100")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 2 and all(0 <= t < tokenizer.vocab_size for line in lines for t in line["ids"])
+    greedy = mixtral_jax.load(tmp_path / "padded").generate([[1, 5, 9]], 6, stop_at_eos=False)[0]
+    assert len(greedy) == 6 and max(greedy) < tokenizer.vocab_size
+    assert int(jnp.argmax(model.logits([[1, 5, 9]])[0, -1])) >= tokenizer.vocab_size  # unmasked, they would win
+
+
+def _common_tokenizer_path() -> Path:
+    from mixtral_jax import demo
+
+    return demo.path() / "tokenizer.model"
+
+
+def test_a_closed_pipe_ends_generate_quietly():
+    proc = subprocess.Popen([CLI, "generate", "--prompt", README_PROMPT, "--max-new-tokens", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(5)
+    proc.stdout.close()  # as `| head -c 5` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert err.startswith("mixtral-jax: note: no --checkpoint given") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5, 6.0])
+def test_ctrl_c_ends_quietly_at_any_moment(delay):
+    """Ctrl-C while JAX is imported, while the model loads, while compiling and while decoding: exit 130 and
+    one line."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([CLI, "generate", "--prompt", README_PROMPT, "--max-new-tokens", "2000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] in ("mixtral-jax: interrupted", "mixtral-jax generate: interrupted")
+    assert "Traceback" not in err and "Exception" not in err

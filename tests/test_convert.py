@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mixtral_jax
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, outputs
 from mixtral_jax.cli import main
 from mixtral_jax.convert.sources import open_source
 from mixtral_jax.convert.torch_io import TorchFile
@@ -132,7 +132,7 @@ def test_tokenizer_and_config_travel_with_the_checkpoint(hf_mixtral, tmp_path):
     asset = ROOT / "mixtral_jax" / "assets" / "tokenizer.model.v1"
     (source / "tokenizer.model.v1").write_bytes(asset.read_bytes())
     out = convert(source, tmp_path / "model", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_DIR,
+    assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER, checkpoint.CONFIG_FILE, checkpoint.PARAMS_DIR,
                                                      checkpoint.TOKENIZER_FILE]
     assert (out / checkpoint.TOKENIZER_FILE).read_bytes() == asset.read_bytes()
     model = mixtral_jax.load(out)

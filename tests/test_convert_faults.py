@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import mixtral_jax
 from mixtral_jax import checkpoint
 from mixtral_jax.cli import main
+from mixtral_jax.convert import mapping, writer
 from mixtral_jax.convert.writer import convert
 from mixtral_jax.errors import CheckpointError, MixtralError
 from tests import reference
@@ -237,3 +239,87 @@ def test_damaged_or_incomplete_checkpoint_on_load(hf_mixtral, tmp_path):
     shutil.rmtree(out / checkpoint.PARAMS_DIR / "lm_head")
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         mixtral_jax.load(out)
+
+
+NON_FINITE = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+LOAD_OPT_OUT = "load it with allow_non_finite=True, or convert it with --allow-non-finite, to use it anyway"
+
+
+def _poison(folder: Path, names: tuple[str, ...], values: dict[int, float] | None = None) -> Path:
+    """Write `values` (flat position -> value; default a NaN first and an inf last) into tensors `names` of
+    a sharded checkpoint; return the shard that holds the first of them."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in names:
+        shard = folder / index[name]
+        tensors = load_file(shard)
+        w = tensors[name].copy()
+        for at, value in (values or {0: np.nan, -1: np.inf}).items():
+            w.reshape(-1)[at] = value
+        save_file({**tensors, name: w}, shard)
+    return folder / index[names[0]]
+
+
+def test_non_finite_weight_refuses_conversion_naming_it(broken, tmp_path, capfd):
+    shard = _poison(broken, (NON_FINITE,))
+    assert _convert_fails(broken, tmp_path, capfd) == (
+        f"mixtral-jax convert: error: {shard}: tensor {NON_FINITE} holds NaN or inf values "
+        "(pass --allow-non-finite to convert it anyway)\n"
+    )
+
+
+def test_inf_in_the_last_block_of_a_streamed_tensor_is_refused(broken, tmp_path, monkeypatch):
+    _poison(broken, ("lm_head.weight",), {-1: np.inf})
+    monkeypatch.setattr(writer, "BLOCK_BYTES", 4096)  # lm_head [96, 64] float32 (24 KiB) goes in blocks
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    check, pieces = mapping.check_finite, []
+
+    def counted(w, source, name, opt_out):
+        pieces.extend([w.shape] if name == "lm_head.weight" else [])
+        check(w, source, name, opt_out)
+
+    monkeypatch.setattr(mapping, "check_finite", counted)
+    with pytest.raises(CheckpointError, match="tensor lm_head.weight holds NaN or inf values"):
+        convert(broken, tmp_path / "out", progress=False)
+    assert len(pieces) > 1 and sum(rows for rows, _ in pieces) == 96  # checked block by block, to the last
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_allow_non_finite_converts_and_score_json_gives_null_for_nan(broken, tmp_path, capfd):
+    _poison(broken, (NON_FINITE, "model.norm.weight"))
+    out = tmp_path / "out"
+    assert main(["convert", str(broken), str(out), "--allow-non-finite"]) == 0
+    w1 = np.asarray(mixtral_jax.load(out).params["layers"]["ffn"]["w1"][...])[1, 3]  # [D, F]: the source's .T
+    assert np.isnan(w1[0, 0]) and np.isposinf(w1[-1, -1]) and np.isfinite(w1).sum() == w1.size - 2
+    capfd.readouterr()
+    assert main(["score", "--checkpoint", str(out), "--ids", "1,5,9,13", "--json"]) == 0
+    result = json.loads(capfd.readouterr().out)  # NaN norm weights: every logit is NaN
+    assert result == {"ids": [1, 5, 9, 13], "logprobs": [None] * 3, "nll": None, "perplexity": None}
+
+
+def test_non_finite_weight_refuses_direct_load_unless_allowed(broken):
+    shard = _poison(broken, (NON_FINITE,))
+    with pytest.raises(CheckpointError) as e:
+        mixtral_jax.load(broken)
+    assert str(e.value) == f"{shard}: tensor {NON_FINITE} holds NaN or inf values ({LOAD_OPT_OUT})"
+    w1 = np.asarray(mixtral_jax.load(broken, allow_non_finite=True).params["layers"]["ffn"]["w1"][...])[1, 3]
+    assert np.isnan(w1[0, 0]) and np.isposinf(w1[-1, -1]) and np.isfinite(w1).sum() == w1.size - 2
+
+
+class _OneFile:
+    def file_of(self, name: str) -> Path:
+        return Path("/ckpt/model.safetensors")
+
+    def label(self, name: str) -> str:
+        return name
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_any_non_finite_value_of_any_float_dtype_is_found(dtype, value):
+    w = np.ones((3, 5), dtype)
+    mapping.check_finite(w, _OneFile(), "w", "opt out")
+    w[2, 4] = value  # float8_e4m3fn has no inf: an inf becomes NaN
+    with pytest.raises(CheckpointError) as e:
+        mapping.check_finite(w, _OneFile(), "w", "opt out")
+    assert str(e.value) == "/ckpt/model.safetensors: tensor w holds NaN or inf values (opt out)"
+    mapping.check_finite(np.full((2, 2), 7, np.int8), _OneFile(), "w", "opt out")

@@ -33,10 +33,12 @@ def hf_greedy(folder, prompts: tuple[tuple[int, ...], ...], n: int) -> list[list
 
 
 class _Eos:
-    """A stand-in tokenizer that only names the EOS id (changing the config would recompile)."""
+    """A stand-in tokenizer that only names the EOS id and knows every id (changing the config would
+    recompile)."""
 
-    def __init__(self, eos_id):
+    def __init__(self, eos_id, vocab_size=96):
         self.eos_id = eos_id
+        self.vocab_size = vocab_size
 
 
 @pytest.fixture(scope="module")

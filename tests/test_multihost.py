@@ -19,7 +19,8 @@ def cpu_env(devices: int) -> dict:
 
 
 def json_lines(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """Every line of a stdout that must hold JSON lines and nothing else (no library output mixed in)."""
+    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def two_processes(command) -> list[list[dict]]:
@@ -73,6 +74,20 @@ def test_each_host_reads_only_its_half_of_the_checkpoint(hf_mixtral):
     for i, (result,) in enumerate(outputs):
         assert result["process"] == i
         assert result["read_bytes"] / result["model_bytes"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_process_whose_coordinator_never_answers_fails_in_one_line_after_its_timeout():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run(generate_command(Path("unused"), "--coordinator-address", address, "--num-processes", "2",
+                                           "--process-id", "1", "--coordinator-timeout", "2"),
+                          cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"mixtral-jax: process 1 of 2: waiting for the coordinator at {address}",
+        f"mixtral-jax generate: error: process 1 of 2: the coordinator at {address} did not answer within "
+        "--coordinator-timeout (Connection refused); is process 0 running?"]
 
 
 @pytest.mark.parametrize("flags,message", [(("127.0.0.1:1", None, None), "needs all of"),

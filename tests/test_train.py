@@ -18,23 +18,8 @@ STEPS = 24
 ARGS = ["--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "5", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A small SentencePiece vocabulary of the data and a tiny model config file matching it."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("train_setup")
-    spm.SentencePieceTrainer.train(
-        input=str(DATA), model_prefix=str(folder / "spm"), model_type="bpe", vocab_size=VOCAB,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
-    )
-    cfg = mixtral_jax.preset("tiny").replace(vocab_size=VOCAB, max_seq_len=256, n_experts=4)
-    cfg.save(folder / "config.json")
-    return folder
-
-
-def _train(setup, output, steps):
-    argv = ["train", "--config", str(setup / "config.json"), "--tokenizer", str(setup / "spm.model"),
+def _train(train_setup, output, steps):
+    argv = ["train", "--config", str(train_setup / "config.json"), "--tokenizer", str(train_setup / "spm.model"),
             "--data", str(DATA), "--steps", str(steps), "--output", str(output), *ARGS]
     assert cli(argv) == 0
 
@@ -44,10 +29,10 @@ def _metrics(output):
 
 
 @pytest.fixture(scope="module")
-def run(setup, tmp_path_factory):
+def run(train_setup, tmp_path_factory):
     """An uninterrupted run of STEPS steps."""
     output = tmp_path_factory.mktemp("run") / "out"
-    _train(setup, output, STEPS)
+    _train(train_setup, output, STEPS)
     return output
 
 
@@ -63,10 +48,10 @@ def test_metrics_record_every_step_with_router_loss(run):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted(setup, run, tmp_path):
+def test_resumed_run_equals_uninterrupted(train_setup, run, tmp_path):
     output = tmp_path / "out"
-    _train(setup, output, STEPS // 2)
-    _train(setup, output, STEPS)
+    _train(train_setup, output, STEPS // 2)
+    _train(train_setup, output, STEPS)
     a, b = mixtral_jax.load(run), mixtral_jax.load(output)
     diff = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a.params, b.params)
     assert max(jax.tree.leaves(diff)) <= 1e-6
@@ -74,8 +59,8 @@ def test_resumed_run_equals_uninterrupted(setup, run, tmp_path):
     assert abs(_metrics(output)[-1]["loss"] - _metrics(run)[-1]["loss"]) <= 1e-6
 
 
-def test_resume_with_other_settings_is_refused_in_one_line(setup, run, capsys):
-    argv = ["train", "--config", str(setup / "config.json"), "--tokenizer", str(setup / "spm.model"),
+def test_resume_with_other_settings_is_refused_in_one_line(train_setup, run, capsys):
+    argv = ["train", "--config", str(train_setup / "config.json"), "--tokenizer", str(train_setup / "spm.model"),
             "--data", str(DATA), "--steps", "30", "--output", str(run), "--batch-size", "2", "--seq-len", "32"]
     assert cli(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mixtral_jax import distributed
+from mixtral_jax.cli import _args
 from mixtral_jax.config import DTYPES
 from mixtral_jax.errors import MixtralError
 
@@ -16,31 +17,32 @@ if TYPE_CHECKING:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", metavar="DIR",
+    p.add_argument("--checkpoint", metavar="DIR", type=_args.path,
                    help="a `mixtral-jax convert` or `train` output, or a Hugging Face or Mistral checkpoint "
                         "folder (default: the built-in model, named on stderr)")
-    p.add_argument("--tokenizer", metavar="FILE",
+    p.add_argument("--tokenizer", metavar="FILE", type=_args.path,
                    help="SentencePiece model (default: the checkpoint's; else Mixtral's for a 32000-token vocab)")
     p.add_argument("--dtype", choices=DTYPES, help="weights and compute dtype (default: as stored)")
     p.add_argument("--mesh", help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load a Hugging Face or Mistral folder whose weights hold NaN or inf (refused by default)")
     distributed.add_distributed_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+    p.add_argument("--max-new-tokens", type=_args.positive_int, default=max_new_tokens, metavar="N",
                    help=f"new tokens per answer at most (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, metavar="P",
-                   help="sample within the smallest set of most likely tokens of probability P")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the sampler (default 0)")
+    p.add_argument("--temperature", type=_args.non_negative_float, default=0.7, metavar="T",
+                   help="0 is greedy (default 0.7)")
+    p.add_argument("--top-k", type=_args.positive_int, metavar="K", help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=_args.probability, metavar="P",
+                   help="sample within the smallest set of most likely tokens of probability P, in (0, 1]")
+    p.add_argument("--seed", type=_args.seed, default=0, metavar="S",
+                   help=f"random seed of the sampler, 0 to {_args.SEED_LIMIT - 1} (default 0)")
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    """The sampling flags as `Mixtral.generate` keywords, checked before anything is loaded."""
-    from mixtral_jax.sampling import check_settings
-
-    check_settings(args.temperature, args.top_k, args.top_p)
+    """The sampling flags (checked by the parser) as `Mixtral.generate` keywords."""
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
@@ -49,18 +51,23 @@ def load_model(args: argparse.Namespace) -> Mixtral:
     import mixtral_jax
     from mixtral_jax import demo
 
-    if args.checkpoint:
-        return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+    if args.checkpoint is not None:
+        return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh,
+                                allow_non_finite=args.allow_non_finite)
     model = demo.load(dtype=args.dtype, mesh=args.mesh)
     note(f"no --checkpoint given: running {demo.NAME}")
     return model
 
 
 def start(args: argparse.Namespace) -> tuple[Mixtral, Tokenizer | None]:
-    """Join the multi-host job (before any other JAX use), then the model and its tokenizer."""
+    """Join the multi-host job (before any other JAX use), then the model, running with its tokenizer (which
+    decides the end-of-sequence id and which ids may be sampled)."""
     distributed.from_args(args)
     model = load_model(args)
-    return model, tokenizer_for(model, args.tokenizer)
+    tokenizer = tokenizer_for(model, args.tokenizer)
+    if tokenizer is not None and tokenizer is not model.tokenizer:
+        model = model.with_tokenizer(tokenizer)
+    return model, tokenizer
 
 
 def tokenizer_for(model: Mixtral, path: str | None) -> Tokenizer | None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mixtral_jax.cli import _common
+from mixtral_jax.errors import MixtralError
 
 HELP = "talk with an instruct model: one message per line on stdin; /reset forgets, /exit (or EOF) ends"
 # Mistral's safe-mode system prompt (mistral-inference, `--safe_prompt`).
@@ -22,11 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--safe", action="store_true", help="put Mistral's safe-mode prompt first in the system prompt")
     _common.add_sampling_args(p, max_new_tokens=256)
     _common.add_model_args(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, oom_hint="lower --max-new-tokens, or use a --mesh over more devices")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral_jax.errors import MixtralError
     from mixtral_jax.tokenizer import StreamDecoder
 
     settings = _common.sampling(args)
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if room < 1:
         raise MixtralError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the "
                            f"context of {model.config.max_seq_len} tokens")
+    tokenizer.encode_chat(system + [{"role": "user", "content": ""}])  # an unusable system prompt ends the chat here
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 reaches the tokenizer, which refuses that message alone
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict[str, str]] = []
     prompt = ">>> " if sys.stdin.isatty() else ""
     turn = 0
@@ -53,30 +56,35 @@ def run(args: argparse.Namespace) -> int:
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        ids = _fit(tokenizer, system, history, room)
+        message = {"role": "user", "content": line}
         decoder, new = StreamDecoder(tokenizer), []
-        try:
+        try:  # a message that cannot be answered is refused alone: the conversation stays as it was
+            ids, kept = _fit(tokenizer, system, history, message, room)
             for token in model.stream(ids, args.max_new_tokens, **{**settings, "seed": settings["seed"] + turn}):
                 new.append(token)
                 print(decoder.push(token), end="", flush=True)
-        except MixtralError as e:  # this message does not fit: say so and keep the conversation
+        except MixtralError as e:
             print(f"mixtral-jax chat: error: {e}", file=sys.stderr)
-            history.pop()
             continue
         print(decoder.flush(), flush=True)
         answer = tokenizer.decode(new).strip()
-        if answer:  # an empty answer cannot be encoded as an assistant turn
-            history.append({"role": "assistant", "content": answer})
+        # an empty answer cannot be encoded as an assistant turn
+        history[:] = kept + [message] + ([{"role": "assistant", "content": answer}] if answer else [])
         turn += 1
 
 
-def _fit(tokenizer, system: list[dict], history: list[dict], room: int) -> list[int]:
-    """The chat's ids, dropping the oldest messages of `history` (in place) until they fit in `room`."""
+def _fit(tokenizer, system: list[dict], history: list[dict], message: dict, room: int) -> tuple[list[int], list[dict]]:
+    """The ids of the chat with `message` last, and the part of `history` they keep: the oldest turns are
+    dropped until it fits in `room` tokens. `history` is not changed; a message that does not fit even
+    without any history is refused (MixtralError)."""
+    kept = list(history)
     while True:
-        ids = tokenizer.encode_chat(system + history)
-        if len(ids) <= room or len(history) == 1:
-            return ids
-        del history[0]
-        while history[0]["role"] != "user":
-            del history[0]
+        ids = tokenizer.encode_chat(system + kept + [message])
+        if len(ids) <= room:
+            return ids, kept
+        if not kept:
+            raise MixtralError(f"this message takes {len(ids)} tokens with the system prompt, more than the "
+                               f"{room} that the context leaves beside --max-new-tokens; it was not sent")
+        del kept[0]
+        while kept and kept[0]["role"] != "user":
+            del kept[0]

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help='one JSON line per prompt: {"prompt_ids", "ids" (new), "text" (new)}')
     _common.add_model_args(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, oom_hint="give fewer prompts or a lower --max-new-tokens, or a --mesh over more devices")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixtral_jax.cli import _args
 from mixtral_jax.plan import CHIPS, GIB
 
 HELP = "per-device memory of prefill and decode on a mesh (compiled ahead of time, nothing allocated)"
@@ -14,11 +15,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help=HELP, description=HELP)
     p.add_argument("--config", required=True, help="preset name (e.g. mixtral-8x7b) or a config .json")
     p.add_argument("--mesh", required=True, help="mesh spec axis=size,... over data, fsdp, expert, tensor")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--max-len", type=int, default=4096, help="prompt plus new tokens (default 4096)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--batch", type=_args.positive_int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--max-len", type=_args.positive_int, default=4096, help="prompt plus new tokens (default 4096)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                   help="weights, activations and KV cache dtype (default bfloat16)")
     fit = p.add_mutually_exclusive_group()
-    fit.add_argument("--hbm-gb", type=float, help="memory per device in GiB to check the plan against")
+    fit.add_argument("--hbm-gb", type=_args.positive_float, help="memory per device in GiB to check the plan against")
     fit.add_argument("--chip", help=f"a known chip to check against: {', '.join(CHIPS)}")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(run=run)

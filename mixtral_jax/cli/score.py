@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help='one JSON line: {"ids" (with BOS), "logprobs" (of each next token), "nll", "perplexity"}')
     _common.add_model_args(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, oom_hint="score a shorter text, or use a --mesh over more devices")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,13 +33,32 @@ def run(args: argparse.Namespace) -> int:
     ids = ids or _common.require(tokenizer).encode(text)
     if len(ids) < 2:
         raise MixtralError("nothing to score: the text has no token after BOS")
-    logprobs = model.score(ids).tolist()
-    nll = -sum(logprobs) / len(logprobs)
-    if args.json:
-        print(json.dumps({"ids": ids, "logprobs": logprobs, "nll": nll, "perplexity": math.exp(nll)}))
-    else:
-        print(f"{len(ids)} tokens: nll {nll:.4f} nats/token, perplexity {math.exp(nll):.2f}")
+    print(report(ids, model.score(ids).tolist(), args.json))
     return 0
+
+
+def report(ids: list[int], logprobs: list[float], as_json: bool) -> str:
+    """The output line, text or one JSON object. JSON has no NaN or Infinity: a value that is not finite
+    (a model whose weights hold NaN or inf, a probability of 0) is null there."""
+    nll = -sum(logprobs) / len(logprobs)
+    perplexity = _exp(nll)
+    if not as_json:
+        return f"{len(ids)} tokens: nll {nll:.4f} nats/token, perplexity {perplexity:.2f}"
+    fields = {"ids": ids, "logprobs": [_finite(x) for x in logprobs], "nll": _finite(nll),
+              "perplexity": _finite(perplexity)}
+    return json.dumps(fields, allow_nan=False)
+
+
+def _exp(x: float) -> float:
+    """e ** x, inf where that overflows a float."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _read(path: str) -> str:
