@@ -336,3 +336,19 @@ def test_ctrl_c_ends_quietly_at_any_moment(delay):
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] in ("mixtral-jax: interrupted", "mixtral-jax generate: interrupted")
     assert "Traceback" not in err and "Exception" not in err
+
+
+def test_an_error_raised_from_a_ctrl_c_is_the_ctrl_c(monkeypatch, capsys):
+    """A library that turns the KeyboardInterrupt into its own error (Python's dataclasses do, when the Ctrl-C
+    lands in a module being imported) still ends the command as interrupted."""
+    from mixtral_jax.cli import generate as generate_cli
+
+    def run(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+
+    monkeypatch.setattr(generate_cli, "run", run)
+    assert main(["generate", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == "mixtral-jax generate: interrupted\n"

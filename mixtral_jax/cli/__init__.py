@@ -19,6 +19,7 @@ import _thread
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from typing import Iterator
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         name, debug = f"mixtral-jax {args.command}", args.debug
         sys.unraisablehook = _unraisable_debug if debug else _unraisable
         _quiet_libraries(debug)
+        _import_jax_holding_interrupts()
         with _output_only_on_stdout(debug):
             return args.run(args) or 0
     except KeyboardInterrupt:
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return BROKEN_PIPE
     except Exception as e:
+        if _interrupted(e):
+            print(f"{name}: interrupted", file=sys.stderr)
+            return INTERRUPTED
         message = None if debug else _message(e, getattr(args, "oom_hint", None))
         if message is None:
             raise
@@ -84,6 +89,32 @@ def entry() -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _import_jax_holding_interrupts() -> None:
+    """Import JAX with Ctrl-C held until the import is done, then delivered: a KeyboardInterrupt raised while
+    jaxlib's extension modules initialise can leave them half made, and the process then dies of a
+    segmentation fault instead of ending quietly."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        import jax  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` was raised because of a Ctrl-C: a library that catches the KeyboardInterrupt and raises its
+    own error from it (Python's dataclass machinery does, when the Ctrl-C lands in a module being imported)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _unraisable(unraisable) -> None:
