@@ -18,13 +18,13 @@ from typing import Callable
 
 import numpy as np
 
-# The issue's 214M-parameter config (transformers names).
+# The 214M-parameter benchmark config (transformers names).
 HF_214M = dict(
     vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
     rope_theta=1e6,
 )
-PROMPT, NEW = 128, 64  # the issue's prompt and new-token counts
+PROMPT, NEW = 128, 64  # the benchmark's prompt and new-token counts
 CHECKPOINT = Path(os.environ.get("MIXTRAL_BENCH_CKPT", "/tmp/mixtral-214m"))
 SETTLE_S = 0.5  # idle seconds before each timed call in `alternate`
 
@@ -145,8 +145,7 @@ def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> flo
 def alternate(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run in alternation (ours, theirs, ours, ...) so drift hits both.
     Each timed call starts SETTLE_S after the last ended: torch's OpenMP workers spin for a while after
-    its calls, and took a core from the call after them (our bfloat16 batch-1 prefill: 1,030 tok/s right
-    after torch, 1,680 with OMP_WAIT_POLICY=PASSIVE)."""
+    its calls and would take a core from the call after them (measured effect: benchmarks/RESULTS.md)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -181,7 +180,9 @@ def machine() -> str:
 
 def table(header: list[str], rows: list[list[object]]) -> str:
     """A Markdown table."""
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v)
+    def fmt(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -6,15 +6,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import api, config
+from mixtral_jax import api, backends, config, model
 
 
 def compile_seconds(n_layers: int, preset: str = "tiny", length: int = 128) -> float:
     cfg = config.preset(preset).replace(n_layers=n_layers, dtype="float32", param_dtype="float32")
-    graphdef, abstract = api.abstract_model(cfg)
+    graphdef, abstract = model.abstract(cfg)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
     start = time.perf_counter()
-    api._forward_logits.lower(graphdef, abstract, None, ids).compile()  # None: the scanned (stacked) layers
+    api._forward_logits.lower(graphdef, abstract, backends.Backend(), ids).compile()  # the scanned layers
     return time.perf_counter() - start
 
 

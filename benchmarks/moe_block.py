@@ -3,8 +3,9 @@
 Run: python -m benchmarks.moe_block [--tokens 1 8 64 1024] [--layers 4]
 
 Each dispatch runs over several layers, as in the model, so the weights (88 MB a layer in float32) come
-from memory rather than cache: stacked (a `lax.scan` over [L, E, ...] weights) and split (an unrolled loop
-over per-layer, per-expert buffers, `mixtral_jax/layout.py`). Each row shows ms per layer, and the limit:
+from memory rather than cache, with the CPU backend's two layouts: stacked (a `lax.scan` over [L, E, ...]
+weights) and split (an unrolled loop over per-layer, per-expert output-major buffers,
+`mixtral_jax/backends/cpu.py`). Each row shows ms per layer, and the limit:
 the larger of the bytes of the experts used over the measured read bandwidth and the active-expert FLOPs
 over the measured matmul peak. Stacked `decode` gathers a weight copy per token and expert, so it is skipped
 above 64 tokens (1024 tokens would gather 23 GB); split `decode` compiles a switch per token and choice,
@@ -14,22 +15,22 @@ so it is skipped above 8 tokens.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from mixtral_jax import layout, moe
+from mixtral_jax import backends, moe
 
 D, F, E, K = 512, 1792, 8, 2
+STACKED, SPLIT = backends.CpuBackend(split=False), backends.CpuBackend(split=True)
 
 
 def stacked(dispatch, n_layers: int):
-    def run(x, weights, experts, w1, w3, w2):
+    def run(x, weights, ids, w1, w3, w2):
         def body(acc, w):
-            return acc + dispatch(x, weights, experts, *w), None
+            return acc + dispatch(STACKED, x, weights, ids, backends.Experts(*w, None)), None
 
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (w1, w3, w2))[0]
 
@@ -37,11 +38,8 @@ def stacked(dispatch, n_layers: int):
 
 
 def split(dispatch):
-    def run(x, weights, experts, w1, w3, w2):  # tuples over layers of tuples over experts
-        def loaders(w):  # as `MoE` hands split experts to a dispatch
-            return tuple(functools.partial(moe._load, a, None, jnp.float32) for a in w)
-
-        return sum(dispatch(x, weights, experts, *map(loaders, w)) for w in zip(w1, w3, w2))
+    def run(x, weights, ids, w1, w3, w2):  # tuples over layers of tuples over experts
+        return sum(dispatch(SPLIT, x, weights, ids, backends.Experts(*w, None)) for w in zip(w1, w3, w2))
 
     return jax.jit(run)
 
@@ -57,7 +55,7 @@ def main() -> None:
     w1, w3 = (jax.random.normal(k, (args.layers, E, D, F)) * 0.02 for k in keys[:2])
     w2 = jax.random.normal(keys[2], (args.layers, E, F, D)) * 0.02
     router = jax.random.normal(keys[3], (D, E))
-    split_w = [tuple(layout.expert_buffers(w[i]) for i in range(args.layers)) for w in (w1, w3, w2)]
+    split_w = [tuple(tuple(w[i, e].T.copy() for e in range(E)) for i in range(args.layers)) for w in (w1, w3, w2)]
     bandwidth, peak = common.memory_bandwidth()["read"], common.matmul_peak()
     print(common.machine())
     rows = []

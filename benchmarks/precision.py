@@ -24,13 +24,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import mixtral_jax
-    from mixtral_jax import quant
 
     folder = common.make_checkpoint()
     f32 = mixtral_jax.load(folder, dtype="float32")
     bf16 = mixtral_jax.load(folder, dtype="bfloat16")
-    models = {"float32": f32, "bfloat16": bf16, "int8 experts, float32": quant.quantize(f32),
-              "int8 experts, bfloat16": quant.quantize(bf16)}
+    models = {"float32": f32, "bfloat16": bf16, "int8 experts, float32": f32.quantize(),
+              "int8 experts, bfloat16": bf16.quantize()}
     ids = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, common.PROMPT))
     ref = np.asarray(jax.nn.log_softmax(f32.logits(ids)))
     prompt = np.random.default_rng(1).integers(3, f32.config.vocab_size, (args.batch, common.PROMPT)).tolist()
@@ -45,7 +44,8 @@ def main() -> None:
     for name, model in models.items():
         got = np.asarray(jax.nn.log_softmax(model.logits(ids)))
         delta = np.abs(got - ref)
-        expert_bytes = sum(model.params["layers"]["ffn"][w][...].nbytes for w in ("w1", "w3", "w2"))
+        ffn = model.params["layers"]["ffn"]
+        expert_bytes = sum(x.nbytes for w in ("w1", "w3", "w2") for x in jax.tree.leaves(ffn[w]))
         rows.append([name, f"{expert_bytes / 1e6:.0f} MB", args.batch * common.PROMPT / t[f"{name}/1"],
                      args.batch * (common.NEW - 1) / (t[f"{name}/n"] - t[f"{name}/1"]), float(delta.max()),
                      float(delta.mean()),

@@ -45,7 +45,8 @@ def compiled_bytes(length: int, one_chunk: bool = False) -> dict:
     model, run = _setup(length)
     static = dict(run.static, chunk=run.args[0].shape[1]) if one_chunk else run.static
     with model.context():
-        lowered = gen.prefill.lower(model.graphdef, model.params, model.split, *run.args, **static)
+        lowered = gen.programs(model.backend).prefill.lower(model.graphdef, model.params, *run.args,
+                                                            backend=model.backend, **static)
         m = lowered.compile().memory_analysis()
     return {"slots": static["slots"], "chunk": static["chunk"], "temp": m.temp_size_in_bytes,
             "args_outputs": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes}
@@ -59,13 +60,13 @@ def measured_rss(length: int) -> dict:
 
     model, run = _setup(length)
     with model.context():
-        compiled = gen.prefill.lower(model.graphdef, model.params, model.split, *run.args,
-                                     **run.static).compile()
+        compiled = gen.programs(model.backend).prefill.lower(model.graphdef, model.params, *run.args,
+                                                             backend=model.backend, **run.static).compile()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark VmHWM to the current RSS
         before = _status_kib("VmRSS")
         start = time.perf_counter()
-        jax.block_until_ready(compiled(model.params, model.split, *run.args).cache)
+        jax.block_until_ready(compiled(model.params, *run.args).cache)
         seconds = time.perf_counter() - start
     return {"rss_added": (_status_kib("VmHWM") - before) * 1024, "seconds": seconds}
 

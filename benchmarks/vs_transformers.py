@@ -10,7 +10,7 @@ our first 1-token plus first N-token call minus the steady ones (JAX compiles pr
 Limits: decode at measured read bandwidth / bytes one step must read (`common.decode_step_bytes`),
 prefill at measured matmul peak / FLOPs per prompt token (`common.prefill_flops_per_token`).
 Torch gets as many threads as XLA:CPU uses (one per core). `--int8` quantises our expert weights
-(`quant.quantize`; transformers keeps `--dtype`), and the limits count those at one byte.
+(`Mixtral.quantize`; transformers keeps `--dtype`), and the limits count those at one byte.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+
 
 def bench_batch(ours, theirs, batch: int, rounds: int, prompt: int, new: int) -> dict[str, float]:
     import torch
@@ -73,15 +74,13 @@ def main() -> None:
     folder = common.make_checkpoint()
     ours = mixtral_jax.load(folder, dtype=args.dtype)
     if args.int8:
-        from mixtral_jax import quant
-
-        ours = quant.quantize(ours)
+        ours = ours.quantize()
     theirs = MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     bandwidth = common.memory_bandwidth()["read"]
     peak = common.matmul_peak(dtype=args.dtype)
     cfg = ours.config
     weight_bytes = jnp.dtype(args.dtype).itemsize
-    print(common.machine())
+    print(common.machine(), "|", ours.backend.describe())
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     rows = []
     for batch in args.batch:

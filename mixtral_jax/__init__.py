@@ -13,13 +13,13 @@ if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral, init_random, load
     from mixtral_jax.config import ModelConfig, preset
     from mixtral_jax.errors import MixtralError
-    from mixtral_jax.tokenizer import Tokenizer
+    from mixtral_jax.tokenizer import StreamDecoder, Tokenizer
 
 _HOMES = {
     "Mixtral": "api", "init_random": "api", "load": "api", "ModelConfig": "config", "preset": "config",
-    "MixtralError": "errors", "Tokenizer": "tokenizer",
+    "MixtralError": "errors", "StreamDecoder": "tokenizer", "Tokenizer": "tokenizer",
 }
-__all__ = ["Mixtral", "MixtralError", "ModelConfig", "Tokenizer", "init_random", "load", "preset"]
+__all__ = ["Mixtral", "MixtralError", "ModelConfig", "StreamDecoder", "Tokenizer", "init_random", "load", "preset"]
 
 
 def __getattr__(name: str) -> Any:

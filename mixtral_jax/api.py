@@ -1,4 +1,8 @@
-"""The public entry points: `load` a checkpoint or `init_random`, and the model handle they return."""
+"""The public entry points: `load` a checkpoint or `init_random`, and the model handle they return.
+
+A handle holds one copy of the weights, in the layout its backend runs them in (`backends/`), which is
+resolved once, when the handle is built, from the mesh's platform, the model and the CPU's features.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import copy
 import functools
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,61 +17,83 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import backends, generate, loading, model, quant
 from mixtral_jax import config as config_lib
-from mixtral_jax import layout, quant
 from mixtral_jax import sharding as sh
+from mixtral_jax.backends import Backend
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.model import Transformer
+from mixtral_jax.layers import Mode
+from mixtral_jax.tokenizer import StreamDecoder, Tokenizer
 
 
 class Mixtral:
-    """A model ready to run: config, parameters (placed on `mesh`), optional tokenizer."""
+    """A model ready to run: config, weights (placed on `mesh`, in `backend`'s layout), optional tokenizer."""
 
-    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, rules: sh.Rules | None = None):
+    def __init__(self, config: ModelConfig, params: nnx.State, tokenizer: Any = None,
+                 mesh: jax.sharding.Mesh | None = None, backend: Backend | None = None, rules: sh.Rules | None = None):
         self.config = config
-        self.graphdef = graphdef
+        self.graphdef = graphdef(config)
         self.params = params
         self.tokenizer = tokenizer
-        self.mesh = mesh
-        self.rules = rules or sh.load_rules()
+        self.mesh = sh.as_mesh(mesh)
+        self.backend = backend or Backend()
+        self.rules = rules or sh.rules_for(config.n_kv_heads, self.mesh)
 
-    def with_options(self, **changes: Any) -> Mixtral:
-        """The same weights run with other settings that leave parameters alone (e.g. `moe_impl`)."""
-        cfg = self.config.replace(**changes)
-        if (cfg.param_dtype, cfg.n_layers, cfg.dim) != (self.config.param_dtype, self.config.n_layers, self.config.dim):
-            raise MixtralError("with_options cannot change the parameters' shapes or dtype")
-        quantized = cfg.is_moe and "scales" in self.params["layers"]["ffn"]
-        graphdef = quant.graphdef(cfg) if quantized else abstract_model(cfg)[0]
-        model = Mixtral(cfg, graphdef, self.params, self.tokenizer, self.mesh, self.rules)
-        if cfg.layout == self.config.layout and "split" in self.__dict__:
-            model.split = self.split  # share the split copy rather than make another
-        return model
-
-    def with_tokenizer(self, tokenizer: Any) -> Mixtral:
-        """The same model run with another tokenizer (its EOS ends rows; only ids it knows are sampled)."""
-        model = copy.copy(self)  # the weights, and their split copy once made, are shared
-        model.tokenizer = tokenizer
-        return model
+    @property
+    def module(self) -> model.Transformer:
+        return nnx.merge(self.graphdef, self.params)
 
     def context(self):
         """The mesh and logical rules this model's computations run under."""
         return sh.rules_context(self.mesh, self.rules)
 
-    @property
-    def module(self) -> Transformer:
-        return nnx.merge(self.graphdef, self.params)
+    def with_options(self, **changes: Any) -> Mixtral:
+        """The same weights run with config settings that leave them alone (e.g. `max_seq_len`)."""
+        cfg = self.config.replace(**changes)
+        if _signature(cfg) != _signature(self.config):
+            raise MixtralError("with_options cannot change the parameters' shapes or dtypes")
+        handle = copy.copy(self)
+        handle.config, handle.graphdef = cfg, graphdef(cfg)
+        return handle
 
-    @functools.cached_property
-    def split(self) -> layout.Split | None:
-        """The weights in the split runtime layout where `config.layout` picks it (`layout.py`), made on
-        first use and kept with the handle (a second copy of the layer weights and LM head); None: stacked."""
-        layers = self.params["layers"]
-        if not layout.use_split(self.config, self.mesh, sum(x.nbytes for x in jax.tree.leaves(layers))):
-            return None
-        with self.context():
-            return layout.split(self.config, self.params)
+    def with_backend(self, backend: Backend | str) -> Mixtral:
+        """The same model run by another backend (its weights moved into that backend's layout)."""
+        backend = backends.resolve(backend, self.config, self.mesh)
+        if backend == self.backend:
+            return self
+        leaves = backend.from_checkpoint_layout(self.config, self.checkpoint_params())
+        return Mixtral(self.config, _state(self.config, leaves), self.tokenizer, self.mesh, backend, self.rules)
+
+    def with_tokenizer(self, tokenizer: Any) -> Mixtral:
+        """The same model run with another tokenizer (its EOS ends rows; only ids it knows are sampled)."""
+        handle = copy.copy(self)  # the weights are shared
+        handle.tokenizer = tokenizer
+        return handle
+
+    def quantize(self, method: str = "int8") -> Mixtral:
+        """The same model with its expert weights in int8 (the only `method`) and float32 scales per output
+        channel (`quant.py`); this handle is left unchanged."""
+        if method != "int8":
+            raise MixtralError(f"unknown quantisation {method!r}; supported: int8")
+        if not self.config.is_moe:
+            raise MixtralError("int8 quantisation applies to expert weights; this model is dense")
+        if self.config.quantize != "none":
+            raise MixtralError("the model is already quantised")
+        cfg = self.config.replace(quantize=method)
+        leaves = self.checkpoint_params()
+        for name in ("w1", "w3", "w2"):
+            q, scale = quant.quantize_int8(leaves[f"layers.ffn.{name}"])
+            leaves[f"layers.ffn.{name}"], leaves[f"layers.ffn.scales.{name}"] = q, scale
+        shardings = _shardings(cfg, self.mesh, self.rules)
+        leaves = {path: jax.device_put(w, shardings[path]) for path, w in leaves.items()}
+        state = _state(cfg, self.backend.from_checkpoint_layout(cfg, leaves))
+        return Mixtral(cfg, state, self.tokenizer, self.mesh, self.backend, self.rules)
+
+    def checkpoint_params(self) -> dict[str, jax.Array]:
+        """The weights in the checkpoint layout, path -> array (`layers.ffn.w1` [L, E, D, F]); the backend's
+        own arrays where its layout is that one, else a stacked copy."""
+        return self.backend.to_checkpoint_layout(self.config, _leaves(self.params))
 
     def logits(self, ids) -> jax.Array:
         """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
@@ -78,7 +103,7 @@ class Mixtral:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise MixtralError(f"token ids must be in [0, {self.config.vocab_size})")
         with self.context():
-            return _forward_logits(self.graphdef, self.params, self.split, ids)
+            return _forward_logits(self.graphdef, self.params, self.backend, ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -86,8 +111,6 @@ class Mixtral:
         """The new token ids for each prompt (token-id lists of any lengths), ending with EOS where a row
         stopped on it. Temperature 0 is greedy; a ragged batch gives each prompt what it gets alone.
         The same arguments and seed give the same tokens."""
-        from mixtral_jax import generate
-
         return generate.generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
 
     def stream(self, prompt: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
@@ -95,113 +118,127 @@ class Mixtral:
                stop_at_eos: bool = True) -> Iterator[int] | Iterator[list[int | None]]:
         """`generate` as a generator: for one prompt (a list of ids) each new id, for a batch (a list of
         lists) each step's ids with None for finished rows."""
-        from mixtral_jax import generate
-
         single = len(prompt) > 0 and not isinstance(prompt[0], Sequence)
         steps = generate.stream(self, [prompt] if single else prompt, max_new_tokens, temperature, top_k, top_p,
                                 seed, stop_at_eos)
         return (ids[0] for ids in steps) if single else steps
 
+    def stream_text(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[str]:
+        """`stream` of one prompt as text: each piece the new tokens complete (the pieces join to the decoded
+        text, SentencePiece's spaces and multi-byte characters included; `tokenizer.StreamDecoder`)."""
+        if self.tokenizer is None:
+            raise MixtralError("the model has no tokenizer: stream ids with `stream`, or load one with_tokenizer")
+        decoder = StreamDecoder(self.tokenizer)
+        for token in self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed):
+            if piece := decoder.push(token):
+                yield piece
+        if rest := decoder.flush():
+            yield rest
+
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """log p(ids[t + 1] | ids[:t + 1]) for each next token, float32 [len(ids) - 1]."""
-        from mixtral_jax import generate
-
         return generate.score(self, ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, split, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(ids, split=split).logits
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, backend: Backend, ids: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return nnx.merge(graphdef, params)(ids, positions, Mode.TRAIN, backend).logits
+
+
+@functools.cache
+def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
+    """The module graph of a model of `cfg` (its weights are the handle's); outside a mesh context."""
+    return model.abstract(cfg)[0]
 
 
 def resolve_config(config: ModelConfig | str) -> ModelConfig:
     return config_lib.preset(config) if isinstance(config, str) else config
 
 
-def default_mesh(mesh: jax.sharding.Mesh | str | None) -> jax.sharding.Mesh:
-    """A mesh from a mesh, a spec string, or None (the first device alone)."""
-    if isinstance(mesh, jax.sharding.Mesh):
-        return mesh
-    return sh.make_mesh(mesh) if mesh else sh.make_mesh(None, jax.devices()[:1])
-
-
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph and parameter shapes (with logical axis metadata) without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-
-
 def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = None,
-                mesh: jax.sharding.Mesh | str | None = None, tokenizer: Any = None) -> Mixtral:
-    """A model with random weights, created directly in its sharding on `mesh`."""
+                mesh: jax.sharding.Mesh | str | None = None, tokenizer: Any = None,
+                backend: Backend | str | None = None, training: bool = False) -> Mixtral:
+    """A model with random weights, created directly in its sharding on `mesh` (a mesh, a spec string, or None:
+    the first device), run by `backend` (a Backend, a name, or None: the platform's; with `training`, one that
+    holds the checkpoint layout, which gradients and optimizers work on)."""
     cfg = resolve_config(config).with_dtype(dtype)
-    mesh = default_mesh(mesh)
-    graphdef, abstract = abstract_model(cfg)
-    shardings = sh.named_shardings(abstract, mesh)
+    mesh = sh.as_mesh(mesh)
+    rules = sh.rules_for(cfg.n_kv_heads, mesh)
+    backend = backends.resolve(backend, cfg, mesh, training)
+    shardings = sh.named_shardings(model.abstract(cfg)[1], mesh, rules)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init() -> nnx.State:
-        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+        return nnx.state(model.Transformer(cfg, rngs=nnx.Rngs(seed)))
 
-    with sh.rules_context(mesh):
-        params = init()
-    return Mixtral(cfg, graphdef, params, tokenizer, mesh)
+    with sh.rules_context(mesh, rules):
+        params = _leaves(init())
+    return Mixtral(cfg, _state(cfg, backend.from_checkpoint_layout(cfg, params)), tokenizer, mesh, backend, rules)
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
-         allow_non_finite: bool = False) -> Mixtral:
+         backend: Backend | str | None = None, allow_non_finite: bool = False, training: bool = False) -> Mixtral:
     """A model folder (`mixtral-jax convert` output), a training OUTPUT (its latest step), or a Hugging Face
-    or Mistral checkpoint folder, read straight into arrays sharded over `mesh`.
+    or Mistral checkpoint folder, read straight into the backend's layout, sharded over `mesh`.
 
     A model folder is restored by Orbax into the target sharding; from a foreign folder each device's
     slice is assembled from memory-mapped source tensors. Either way a host reads only what its devices
-    hold. `dtype` casts the weights (and sets the compute dtype); None keeps the stored dtype. A foreign
-    folder's weights holding NaN or inf are refused unless `allow_non_finite` (a model folder's are not
-    checked again: `convert` checks them as it writes).
+    hold, and a layout that holds layers or experts apart is filled slice by slice. `dtype` casts the weights
+    (and sets the compute dtype); None keeps the stored dtype. `mesh`: a mesh, a spec string, or None (the
+    first device); `backend`: a Backend, a name, or None (the platform's; with `training`, one that holds the
+    checkpoint layout). A foreign folder's weights holding NaN or inf are refused unless `allow_non_finite`
+    (a model folder's are not checked again: `convert` checks them as it writes).
     """
-    from mixtral_jax import checkpoint, trained
-
-    if trained.is_training_output(path):
-        return trained.load_trained(path, dtype, mesh)
-    if checkpoint.is_checkpoint(path):
-        cfg = checkpoint.read_config(path).with_dtype(dtype)
-        mesh = default_mesh(mesh)
-        graphdef, abstract = abstract_model(cfg)
-        params = checkpoint.restore(path, abstract, mesh)
-        return Mixtral(cfg, graphdef, params, _tokenizer(checkpoint.tokenizer_path(path)), mesh)
-
-    from mixtral_jax.convert import mapping
-    from mixtral_jax.convert.sources import open_source
-
-    source = open_source(Path(path))
-    source.check()
-    cfg = source.config.with_dtype(dtype)
-    mesh = default_mesh(mesh)
-    graphdef, abstract = abstract_model(cfg)
-    shardings = nnx.to_pure_dict(sh.named_shardings(abstract, mesh))
-    rules = {rule.target: rule for rule in mapping.rules_for(source.naming, cfg)}
-
-    def place(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        rule = rules[".".join(str(p.key) for p in path)]
-        sharding = _get(shardings, path)
-        return jax.make_array_from_callback(
-            leaf.shape, sharding,
-            lambda index: mapping.assemble(rule, source, cfg, index, leaf.dtype, allow_non_finite),
-        )
-
-    pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(abstract))
-    nnx.replace_by_pure_dict(abstract, pure)
-    return Mixtral(cfg, graphdef, abstract, _tokenizer(source.tokenizer), mesh)
+    opened = loading.open_checkpoint(path, allow_non_finite)
+    cfg = opened.config.with_dtype(dtype)
+    mesh = sh.as_mesh(mesh)
+    rules = sh.rules_for(cfg.n_kv_heads, mesh)
+    backend = backends.resolve(backend, cfg, mesh, training)
+    targets = _targets(cfg, mesh, rules)
+    leaves = backend.place(cfg, targets, opened.reader)
+    tokenizer = None if opened.tokenizer is None else Tokenizer(opened.tokenizer)
+    return Mixtral(cfg, _state(cfg, leaves), tokenizer, mesh, backend, rules)
 
 
-def _get(tree: dict, path: tuple) -> Any:
-    for p in path:
-        tree = tree[p.key]
-    return tree
+def _shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> dict[str, jax.NamedSharding]:
+    return _leaves(sh.named_shardings(model.abstract(cfg)[1], mesh, rules))
 
 
-def _tokenizer(path: Path | None):
-    if path is None:
-        return None
-    from mixtral_jax.tokenizer import Tokenizer
+def _targets(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every checkpoint-layout leaf of `cfg` as the shape, dtype and sharding to read it into."""
+    shardings = _shardings(cfg, mesh, rules)
+    return {path: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[path])
+            for path, a in _leaves(model.abstract(cfg)[1]).items()}
 
-    return Tokenizer(path)
+
+def _signature(cfg: ModelConfig) -> dict[str, tuple]:
+    return {path: (a.shape, a.dtype) for path, a in _leaves(model.abstract(cfg)[1]).items()}
+
+
+def _leaves(state: nnx.State) -> dict[str, Any]:
+    """A state's leaves by dotted path (`layers.ffn.w1`); a backend's tuple of buffers stays one leaf."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, tree: Any) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", nnx.to_pure_dict(state))
+    return flat
+
+
+def _state(cfg: ModelConfig, leaves: dict[str, Any]) -> nnx.State:
+    """The model's state with these leaves (path -> value, in any backend's layout)."""
+    nested: dict[str, Any] = {}
+    for path, value in leaves.items():
+        *parents, leaf = path.split(".")
+        functools.reduce(lambda tree, key: tree.setdefault(key, {}), parents, nested)[leaf] = value
+    state = model.abstract(cfg)[1]
+    nnx.replace_by_pure_dict(state, nested)
+    return state
+

@@ -9,13 +9,15 @@ Every Orbax call of the project lives here. A model folder is:
                                path (`layers.ffn.w1/`), zstd-compressed chunks of at most `CHUNK_BYTES`
                                (one layer and one expert per chunk, inner dimensions halved to fit)
 
-`write_model` saves in-memory parameters; `ArrayWriter` fills the same layout a slice at a time, so a
-converter never holds more than one tensor. `restore` reads straight into the target sharding: each host
-reads only the chunks under its devices' shards.
+`ArrayWriter` fills that layout a slice at a time (a converter never holds more than one tensor, and
+`write_model` saves in-memory parameters through it). `restore` reads straight into the target sharding: each
+host reads only the chunks under its devices' shards; `read_slice` reads one (layer, expert) slice.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -27,11 +29,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from flax import nnx
 
 from mixtral_jax import outputs
-from mixtral_jax import sharding as sh
-from mixtral_jax.config import ModelConfig
+from mixtral_jax.config import ModelConfig, stacked_axes
 from mixtral_jax.errors import CheckpointError
 
 CONFIG_FILE = "model_config.json"
@@ -46,14 +46,19 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR / "_METADATA").is_file()
 
 
-def write_model(folder: str | os.PathLike, config: ModelConfig, params: nnx.State,
+def write_model(folder: str | os.PathLike, config: ModelConfig, params: dict[str, jax.Array],
                 tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Save in-memory (possibly sharded) parameters, the config and a tokenizer as a model folder, from
-    a single process (the staging folder is named after it)."""
+    """Save parameters in the checkpoint layout (path -> array, possibly sharded), the config and a tokenizer
+    as a model folder, a (layer, expert) slice at a time (`ArrayWriter`), from a single process (the staging
+    folder is named after it)."""
+    specs = {path: ArraySpec(tuple(w.shape), np.dtype(w.dtype), stacked_axes(config, path))
+             for path, w in params.items()}
     with outputs.staging(folder, "model", force) as tmp:
-        checkpointer = ocp.StandardCheckpointer(use_ocdbt=False)
-        checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(params))
-        checkpointer.wait_until_finished()
+        writer = ArrayWriter(tmp, specs)
+        for path, w in params.items():
+            for index in itertools.product(*map(range, w.shape[: specs[path].stacked])):
+                writer.write(path, index, np.asarray(w[index] if index else w))
+        writer.close()
         finish(tmp, config, tokenizer)
     return Path(folder)
 
@@ -77,30 +82,39 @@ def tokenizer_path(folder: str | os.PathLike) -> Path | None:
     return path if path.is_file() else None
 
 
-def restore(folder: str | os.PathLike, abstract: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """Parameters read into the sharding `abstract`'s logical axes imply on `mesh`, cast to its dtypes."""
+def restore(folder: str | os.PathLike, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The parameters of a model folder (or a training step's folder, which holds `params/` alike) read into
+    the shapes, dtypes (cast) and shardings of `targets` (path -> ShapeDtypeStruct): each host reads only the
+    chunks under its devices' shards."""
     path = Path(folder).absolute() / PARAMS_DIR
     stored = stored_tree(path)
-    shardings = nnx.to_pure_dict(sh.named_shardings(abstract, mesh))
-
-    def target(keys: tuple, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        name = ".".join(str(k.key) for k in keys)
-        meta = _get(stored, keys)
+    nested: dict[str, Any] = {}
+    for name, target in targets.items():
+        meta = _get(stored, name.split("."))
         if meta is None:
             raise CheckpointError(f"{path}: parameter {name} is missing")
-        if tuple(meta.shape) != tuple(leaf.shape):
+        if tuple(meta.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{path}: parameter {name} has shape {list(meta.shape)}, the config implies {list(leaf.shape)}"
+                f"{path}: parameter {name} has shape {list(meta.shape)}, the config implies {list(target.shape)}"
             )
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_get(shardings, keys))
-
-    pure = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract))
+        *parents, leaf = name.split(".")
+        functools.reduce(lambda tree, key: tree.setdefault(key, {}), parents, nested)[leaf] = target
     try:
-        restored = ocp.StandardCheckpointer().restore(path, pure)
+        restored = ocp.StandardCheckpointer().restore(path, nested)
     except Exception as e:
         raise unreadable(path, e) from None
-    nnx.replace_by_pure_dict(abstract, restored)
-    return abstract
+    return {name: _get(restored, name.split(".")) for name in targets}
+
+
+def read_slice(folder: str | os.PathLike, name: str, index: tuple[int, ...], dtype) -> np.ndarray:
+    """`parameter[index]` of a model folder as a host array of `dtype`, read from its zarr array alone (only
+    the chunks under the slice: a converted folder holds one layer and expert per chunk)."""
+    path = Path(folder).absolute() / PARAMS_DIR / name
+    try:
+        array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
+        return np.asarray(array[index].read().result()).astype(dtype)
+    except ValueError as e:
+        raise unreadable(path, e) from None
 
 
 def stored_tree(path: Path) -> Any:
@@ -213,9 +227,9 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: int) -> tuple[in
     return tuple(chunks)
 
 
-def _get(tree: Any, keys: tuple) -> Any:
+def _get(tree: Any, keys: list[str]) -> Any:
     for k in keys:
-        if not isinstance(tree, dict) or k.key not in tree:
+        if not isinstance(tree, dict) or k not in tree:
             return None
-        tree = tree[k.key]
+        tree = tree[k]
     return tree

@@ -14,10 +14,10 @@ from typing import Any, Mapping
 from mixtral_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "reference", "grouped", "decode")
-GROUPED_KERNELS = ("auto", "blocked", "ragged_dot", "megablox")  # the grouped path's matmuls (`moe.grouped`)
-LAYOUTS = ("auto", "stacked", "split")  # the layer weights' runtime layout for inference (`layout.py`)
-ATTENTION_IMPLS = ("auto", "xla", "dot_product")  # how tokens attend to each other (`layers.self_attention`)
+QUANTIZE = ("none", "int8")  # the expert weights' storage (`quant.py`)
+# Keys of configs written by earlier versions that named runtime choices, which backends make now
+# (`backends/`): read and ignored.
+RUNTIME_KEYS = ("moe_impl", "grouped_kernel", "layout", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class ModelConfig:
 
     `n_experts == 0` means a dense SwiGLU MLP (Mistral 7B). `dtype` is the compute dtype and
     `param_dtype` the storage dtype; router, norms, attention softmax and logits are always float32.
+    `quantize = "int8"`: the expert weights are stored in int8 with float32 scales (`quant.py`).
     """
 
     vocab_size: int
@@ -48,10 +49,7 @@ class ModelConfig:
     eos_id: int = 2
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
-    moe_impl: str = "auto"
-    grouped_kernel: str = "auto"
-    layout: str = "auto"
-    attention_impl: str = "auto"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         _check(vars(self), "config")
@@ -73,7 +71,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike = "config") -> ModelConfig:
         """A config from the keys of a JSON or TOML file; problems are reported against `source`."""
-        data = _object(data, source)
+        data = {k: v for k, v in _object(data, source).items() if k not in RUNTIME_KEYS}
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
             raise ConfigError(f"{source}: unknown keys {', '.join(unknown)}")
@@ -95,8 +93,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 _POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
              "norm_eps", "max_seq_len", "sliding_window")
 _NON_NEGATIVE = ("n_experts", "top_k", "router_aux_loss_coef", "router_z_loss_coef", "bos_id", "eos_id")
-_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "moe_impl": MOE_IMPLS, "grouped_kernel": GROUPED_KERNELS,
-            "layout": LAYOUTS, "attention_impl": ATTENTION_IMPLS}
+_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "quantize": QUANTIZE}
 # A field's annotation -> what its value must be, and the test. A bool is an int to Python but never a count
 # here, and a float must be finite: the model computes with these and shapes its arrays by them.
 _TYPES = {
@@ -195,6 +192,15 @@ def _show(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def stacked_axes(cfg: ModelConfig, path: str) -> int:
+    """How many leading axes of the checkpoint-layout parameter `path` (dotted, `layers.ffn.w1`) index layers
+    and experts: 2 for expert weights and their scales ([L, E, ...]), 1 for other layer weights ([L, ...]),
+    else 0. Parameter paths are a public API: checkpoints hold them."""
+    if not path.startswith("layers."):
+        return 0
+    return 2 if cfg.is_moe and path.startswith("layers.ffn.") and path.rsplit(".", 1)[-1] in ("w1", "w3", "w2") else 1
 
 
 def preset_names() -> list[str]:

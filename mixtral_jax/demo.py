@@ -23,9 +23,11 @@ def path() -> Path:
     return Path(str(importlib.resources.files("mixtral_jax.assets").joinpath("demo")))
 
 
-def load(dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None) -> api.Mixtral:
-    """The demo model's handle, computing in `dtype` (None: float32, as it is small and meant for CPU)."""
+def load(dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
+         backend: str | None = None) -> api.Mixtral:
+    """The demo model's handle, computing in `dtype` (None: float32, as it is small and meant for CPU; it is
+    stored in bfloat16), run by `backend` (None: the platform's)."""
     folder = path()
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: the demo model is not installed with this package")
-    return api.load(folder, dtype=dtype or "float32", mesh=mesh)
+    return api.load(folder, dtype=dtype or "float32", mesh=mesh, backend=backend)

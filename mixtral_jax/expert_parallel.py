@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax import sharding as sh
+from mixtral_jax.backends import Backend, Experts
 
 
 def active() -> bool:
@@ -30,33 +31,34 @@ def active() -> bool:
     return math.prod(mesh.shape[a] for a in sh.mesh_axes(sh.EXP) + sh.mesh_axes(sh.MLP)) > 1
 
 
-def dispatch(choose: Callable[[int, int, int], Callable[..., jax.Array]],
-             x, weights, experts, w1, w3, w2) -> jax.Array:
-    """The `moe` dispatch signature (x [T, D], weights/experts [T, k], w1/w3 [E, D, F], w2 [E, F, D]) ->
-    [T, D] float32, run with experts split over the mesh; `choose(tokens, k, experts)` picks the local
-    single-device strategy."""
+def dispatch(choose: Callable[[int, int, int], Callable[..., jax.Array]], backend: Backend,
+             x, weights, expert_ids, experts: Experts) -> jax.Array:
+    """The `moe` dispatch signature (x [T, D], weights/expert ids [T, k], stacked experts) -> [T, D] float32,
+    run with experts split over the mesh; `choose(tokens, k, experts)` picks the local single-device
+    strategy."""
     mesh = jax.sharding.get_abstract_mesh()
     exp_axes, mlp_axes = sh.mesh_axes(sh.EXP), sh.mesh_axes(sh.MLP)
     token_axes = _token_axes(mesh, x.shape[0], exp_axes + mlp_axes)
-    n_local = w1.shape[0] // math.prod(mesh.shape[a] for a in exp_axes)
+    n_local = experts.w1.shape[0] // math.prod(mesh.shape[a] for a in exp_axes)
     tokens = jax.P(token_axes, None)
     up = jax.P(exp_axes or None, None, mlp_axes or None)
     down = jax.P(exp_axes or None, mlp_axes or None, None)
+    expert_specs = Experts(up, up, down, None if experts.scales is None else (up, up, jax.P(exp_axes or None)))
 
-    def local(x, weights, experts, w1, w3, w2):
+    def local(x, weights, expert_ids, experts):
         first = jax.lax.axis_index(exp_axes) * n_local if exp_axes else 0
-        mine = (experts >= first) & (experts < first + n_local)
-        local_experts = jnp.where(mine, experts - first, n_local)  # sentinel n_local: not here
+        mine = (expert_ids >= first) & (expert_ids < first + n_local)
+        local_ids = jnp.where(mine, expert_ids - first, n_local)  # sentinel n_local: not here
         local_weights = jnp.where(mine, weights, 0.0)
-        strategy = choose(x.shape[0], experts.shape[1], n_local)
-        y = strategy(x, local_weights, local_experts, w1, w3, w2)  # [T_local, D] partial sums
+        strategy = choose(x.shape[0], expert_ids.shape[1], n_local)
+        y = strategy(backend, x, local_weights, local_ids, experts)  # [T_local, D] partial sums
         return jax.lax.psum(y, exp_axes + mlp_axes)
 
     # check_vma=False: the single-device strategies carry loop state that starts from constants, which the
     # varying-axes type check rejects; the one collective above makes the output replicated as out_specs say.
     return jax.shard_map(
-        local, in_specs=(tokens, tokens, tokens, up, up, down), out_specs=tokens, check_vma=False
-    )(x, weights, experts, w1, w3, w2)
+        local, in_specs=(tokens, tokens, tokens, expert_specs), out_specs=tokens, check_vma=False
+    )(x, weights, expert_ids, experts)
 
 
 def _token_axes(mesh, n_tokens: int, taken: tuple[str, ...]) -> tuple[str, ...]:

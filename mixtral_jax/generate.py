@@ -7,14 +7,15 @@ decodes from its own length, and the batch, prompt, cache and output sizes are a
 (`bucket`: two per octave), so a new prompt or `max_new_tokens` recompiles only when it crosses a bucket.
 The prefill processes C tokens at a time, so its attention scores are [C, S], linear in the prompt
 length. The decode loop stops at the step limit `stop`, a traced value: `generate` runs it once to the
-end, `stream` re-enters the same compiled loop a few steps at a time.
+end, `stream` re-enters the same compiled loop a few steps at a time. The compiled programs take the
+model's backend as a static argument and are compiled with its compiler options (`programs`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -22,25 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import layers
+from mixtral_jax.backends import Backend
+from mixtral_jax.backends.attention import MIN_KEY_BLOCK
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.distributed import fetch
 from mixtral_jax.errors import MixtralError
+from mixtral_jax.layers import Mode
 from mixtral_jax.sampling import Sampler, sample
 
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
 
 # A prefill chunk holds PREFILL_TOKENS tokens of a device's rows, at least MIN_CHUNK per row (`default_chunk`):
-# larger chunks multiply each expert's rows in fewer, larger matmuls (Xeon host, 1k-token prompts: batch 1 ran
-# 7-15% faster in 1024-token chunks than in 256-token ones, batch 2 up to 16% in 512-token ones).
+# larger chunks multiply each expert's rows in fewer, larger matmuls (docs/performance.md has the timings).
 PREFILL_TOKENS = 2048
 MIN_CHUNK = 256
 MIN_BUCKET = 16
-# XLA:CPU's copy insertion without region analysis copies each loop-carried cache buffer twice a decode step
-# (O(cache) traffic per token); other backends ignore the option.
-LOOP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @flax.struct.dataclass
@@ -86,30 +85,23 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
     return jnp.where(pos < lengths[:, None], pos, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots", "n_out"),
-                   compiler_options=LOOP_OPTIONS)
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array,
-            limit: jax.Array, eos: jax.Array, key: jax.Array, sampler: Sampler, *,
-            cfg: ModelConfig, chunk: int, slots: int, n_out: int) -> DecodeState:
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, limit: jax.Array,
+             eos: jax.Array, key: jax.Array, sampler: Sampler, *, backend: Backend, cfg: ModelConfig, chunk: int,
+             slots: int, n_out: int) -> DecodeState:
     """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
     first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
-    needs (T may be longer; where T is one chunk, that pass attends to its own keys: `fresh_cache`); logits
-    are computed only at each row's last prompt token. `split`: the weights in the split layout or None
-    (`Transformer.__call__`), here and in the functions below."""
+    needs (T may be longer; where T is one chunk, that pass is a PREFILL, else every chunk EXTENDs the
+    cache); logits are computed only at each row's last prompt token."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=split is not None)
+    cache = KVCache.create(cfg, backend, batch, slots, chunk=chunk)
+    mode = Mode.PREFILL if length == chunk else Mode.EXTEND
 
     def body(i, carry):
         cache, last = carry
         start = i * chunk
         out = nnx.merge(graphdef, params)(
-            jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
-            _chunk_positions(start, chunk, lengths),
-            cache,
-            logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1),
-            split=split,
-            fresh_cache=length == chunk,
-        )
+            jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1), _chunk_positions(start, chunk, lengths),
+            mode, backend, cache, logit_index=jnp.clip(lengths - 1 - start, 0, chunk - 1))
         here = (lengths - 1 >= start) & (lengths - 1 < start + chunk)
         return out.cache, jnp.where(here[:, None], out.logits[:, 0], last)
 
@@ -131,9 +123,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array,
     )
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="state", compiler_options=LOOP_OPTIONS)
-def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState, stop: jax.Array,
-           sampler: Sampler) -> DecodeState:
+def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop: jax.Array, sampler: Sampler, *,
+            backend: Backend) -> DecodeState:
     """Decode one token per row per step until step `stop`, the limit, or every row is done."""
 
     def running(s: DecodeState) -> jax.Array:
@@ -141,7 +132,7 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState,
 
     def step(s: DecodeState) -> DecodeState:
         positions = jnp.where(s.done, -1, s.positions)  # finished rows write nothing to the cache
-        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], s.cache, split=split)
+        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], Mode.DECODE, backend, s.cache)
         new = sample(jax.random.fold_in(s.key, s.step), out.logits[:, 0], sampler)
         new = jnp.where(s.done, -1, new)
         return s.replace(
@@ -156,19 +147,19 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, split, state: DecodeState,
     return jax.lax.while_loop(running, step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "chunk", "slots"), compiler_options=LOOP_OPTIONS)
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax.Array, lengths: jax.Array, *,
-                   cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
+def _token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
+                    backend: Backend, cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
     """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
     one chunk at a time through the KV cache."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, batch, slots, chunk=chunk, per_layer=split is not None)
+    cache = KVCache.create(cfg, backend, batch, slots, chunk=chunk)
+    mode = Mode.PREFILL if length == chunk else Mode.EXTEND
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
     def body(cache, start):
         positions = _chunk_positions(start, chunk, lengths)
-        out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
-                                          positions, cache, split=split, fresh_cache=length == chunk)
+        out = nnx.merge(graphdef, params)(jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1), positions,
+                                          mode, backend, cache)
         logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
         nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
@@ -177,6 +168,32 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, split, tokens: jax
 
     _, logprobs = jax.lax.scan(body, cache, jnp.arange(0, length, chunk, dtype=jnp.int32))
     return jnp.moveaxis(logprobs, 0, 1).reshape(batch, length)  # [T/C, B, C] -> [B, T]
+
+
+class Programs(NamedTuple):
+    """The compiled entry points for one backend's compiler options."""
+
+    prefill: Callable[..., DecodeState]
+    decode: Callable[..., DecodeState]
+    token_logprobs: Callable[..., jax.Array]
+
+
+@functools.cache
+def _programs(options: tuple[tuple[str, Any], ...]) -> Programs:
+    options = dict(options) or None
+    return Programs(
+        prefill=jax.jit(_prefill, static_argnames=("graphdef", "backend", "cfg", "chunk", "slots", "n_out"),
+                        compiler_options=options),
+        decode=jax.jit(_decode, static_argnames=("graphdef", "backend"), donate_argnames="state",
+                       compiler_options=options),
+        token_logprobs=jax.jit(_token_logprobs, static_argnames=("graphdef", "backend", "cfg", "chunk", "slots"),
+                               compiler_options=options),
+    )
+
+
+def programs(backend: Backend) -> Programs:
+    """prefill, decode and token_logprobs jitted with `backend`'s compiler options (one set per options)."""
+    return _programs(backend.compiler_options)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int, max_new_tokens: int = 0) -> None:
@@ -237,9 +254,9 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
-        logprobs = token_logprobs(model.graphdef, model.params, model.split,
-                                  *_replicated(model, (tokens, np.int32([len(ids)]))),
-                                  cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
+        logprobs = programs(model.backend).token_logprobs(
+            model.graphdef, model.params, *_replicated(model, (tokens, np.int32([len(ids)]))),
+            backend=model.backend, cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
 
 
@@ -253,10 +270,10 @@ def _chunk(chunk: int | None, cfg: ModelConfig, rows: int, longest: int) -> int:
 
 def cache_slots(cfg: ModelConfig, needed: int) -> int:
     """Cache positions for `needed` tokens, bucketed within the context; once they hold two of the smallest
-    key blocks (`layers.MIN_KEY_BLOCK`), a multiple of it, so that a prefill attends to them in blocks
-    (`layers.key_block`) even where the context clips the bucket."""
+    key blocks (`attention.MIN_KEY_BLOCK`), a multiple of it, so that a prefill attends to them in blocks
+    (`attention.key_block`) even where the context clips the bucket."""
     slots = max(min(bucket(needed), cfg.max_seq_len), needed)
-    return _round_up(slots, layers.MIN_KEY_BLOCK) if slots >= 2 * layers.MIN_KEY_BLOCK else slots
+    return _round_up(slots, MIN_KEY_BLOCK) if slots >= 2 * MIN_KEY_BLOCK else slots
 
 
 def _replicated(model: Mixtral, tree):
@@ -302,15 +319,17 @@ class _Run:
         self.state: DecodeState | None = None
 
     def prefill(self) -> DecodeState:
-        with self.model.context():
-            self.state = prefill(self.model.graphdef, self.model.params, self.model.split, *self.args,
-                                 **self.static)
+        model = self.model
+        with model.context():
+            self.state = programs(model.backend).prefill(model.graphdef, model.params, *self.args,
+                                                         backend=model.backend, **self.static)
         return self.state
 
     def decode(self, stop: int) -> DecodeState:
         """Advance to step `stop` (or until every row is done)."""
-        with self.model.context():
-            stop = _replicated(self.model, np.int32(stop))
-            self.state = decode(self.model.graphdef, self.model.params, self.model.split, self.state, stop,
-                                self.args[-1])
+        model = self.model
+        with model.context():
+            stop = _replicated(model, np.int32(stop))
+            self.state = programs(model.backend).decode(model.graphdef, model.params, self.state, stop,
+                                                        self.args[-1], backend=model.backend)
         return self.state

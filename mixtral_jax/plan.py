@@ -4,9 +4,10 @@ Nothing is allocated: parameters, prompts and the decode state are `ShapeDtypeSt
 placeholder devices (simulated CPU devices in a subprocess), and
 `jax.jit(...).lower(...).compile().memory_analysis()` gives each device's bytes. Parameters and the KV cache
 are counted from their per-device shards; temporaries are XLA's for the larger of the two programs.
-The placeholder devices are CPUs: the MoE is compiled with the accelerator kernel (`ragged_dot`), and
-temporaries follow the CPU compiler's choices (its float32 copy of one layer's bfloat16 weights included);
-the weights and cache are exact.
+The programs are the reference backend's (`backends.Backend`: plain XLA ops, `ragged_dot` for the experts,
+the checkpoint layout), as an accelerator runs them less its fused kernels; on the placeholder CPUs the
+temporaries follow the CPU compiler's choices (its float32 copy of one layer's bfloat16 weights included),
+and the weights and cache are exact.
 """
 
 from __future__ import annotations
@@ -100,29 +101,23 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
     return MemoryPlan(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _accelerator_moe() -> None:
-    """Compile the MoE as accelerators run it: on a CPU backend `moe.grouped` multiplies each expert's rows
-    in blocks instead of `ragged_dot`, and the per-expert weight copies of that loop would be counted as
-    temporaries (49 GiB for 8x7B on `expert=4`) that no accelerator program has."""
-    from mixtral_jax import moe
-
-    moe.KERNEL_BACKEND = "tpu"
-
-
 def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str) -> MemoryPlan:
     import jax
     import jax.numpy as jnp
 
-    from mixtral_jax import api, generate
+    from mixtral_jax import generate, model
     from mixtral_jax import sharding as sh
-    from mixtral_jax.config import ModelConfig
+    from mixtral_jax.backends import Backend
+    from mixtral_jax.config import ModelConfig, preset
     from mixtral_jax.sampling import Sampler
 
-    cfg = (ModelConfig.load(config) if config.endswith(".json") else api.resolve_config(config)).with_dtype(dtype)
+    cfg = (ModelConfig.load(config) if config.endswith(".json") else preset(config)).with_dtype(dtype)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
     mesh = sh.make_mesh(mesh_spec)
-    graphdef, abstract = api.abstract_model(cfg)
-    shardings = sh.named_shardings(abstract, mesh)
+    rules = sh.rules_for(cfg.n_kv_heads, mesh)
+    backend = Backend()
+    graphdef, abstract = model.abstract(cfg)
+    shardings = sh.named_shardings(abstract, mesh, rules)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     replicated = jax.NamedSharding(mesh, jax.P())
 
@@ -137,15 +132,15 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
     prompt = placed((jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
                      jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
                      jax.eval_shape(lambda: jax.random.key(0)), jax.eval_shape(lambda: sampler)))
-    with sh.rules_context(mesh):
-        lowered = generate.prefill.lower(graphdef, params, None, *prompt, cfg=cfg, chunk=chunk,
-                                         slots=generate.cache_slots(cfg, max_len),
-                                         n_out=8)  # stacked layers: the accelerator layout
+    programs = generate.programs(backend)
+    with sh.rules_context(mesh, rules):
+        lowered = programs.prefill.lower(graphdef, params, *prompt, backend=backend, cfg=cfg, chunk=chunk,
+                                         slots=generate.cache_slots(cfg, max_len), n_out=8)
         prefill = lowered.compile()
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              lowered.out_info, prefill.output_shardings)
-        decode = generate.decode.lower(graphdef, params, None, state, *placed(
-            (jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: sampler)))).compile()
+        decode = programs.decode.lower(graphdef, params, state, *placed(
+            (jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: sampler))), backend=backend).compile()
 
     def per_device(tree) -> int:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -167,7 +162,6 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 if __name__ == "__main__":
     from mixtral_jax.errors import MixtralError
 
-    _accelerator_moe()
     try:
         print(json.dumps(dataclasses.asdict(_plan_here(*json.loads(sys.argv[1])))))
     except MixtralError as e:

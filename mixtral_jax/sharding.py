@@ -115,38 +115,75 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec) if spec else {**dict.fromkeys(MESH_AXES, 1), "data": len(devices)}
     if math.prod(sizes.values()) != len(devices):
+        platform = devices[0].platform if devices else "cpu"
+        hint = (" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting to simulate N "
+                "devices)" if platform == "cpu" else "")
         raise ConfigError(
-            f"mesh {spec!r} has {math.prod(sizes.values())} devices but {len(devices)} are present"
+            f"mesh {spec!r} has {math.prod(sizes.values())} devices but {len(devices)} are present{hint}"
         )
     return jax.make_mesh(
         tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 4
     )
 
 
+def as_mesh(mesh: jax.sharding.Mesh | str | None) -> jax.sharding.Mesh:
+    """Our four-axis mesh from a spec string, None (the first device alone), or any `jax.sharding.Mesh` whose
+    axes are some of ours (`jax.make_mesh((8,), ("expert",))`): the same devices, the missing axes of size
+    1, every axis `Auto` (the logical rules place arrays; Explicit axes would type every array by mesh)."""
+    if mesh is None:
+        return make_mesh(None, jax.devices()[:1])
+    if isinstance(mesh, str):
+        return make_mesh(mesh)
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ConfigError(f"mesh axis {unknown[0]!r} is not one of {', '.join(MESH_AXES)}; name the mesh's axes "
+                          "after what they split")
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    order = [a for a in MESH_AXES if a in sizes]
+    devices = mesh.devices.transpose([mesh.axis_names.index(a) for a in order])
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
+    return jax.sharding.Mesh(devices.reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def rules_for(n_kv_heads: int, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Rules:
+    """The rules for a model with `n_kv_heads` on `mesh`: where the mesh axes of `kv_heads` do not divide the
+    KV heads, keys and values (their projections and the cache) are replicated across those axes, as vLLM and
+    MaxText do, while the query heads stay split."""
+    rules = rules or load_rules()
+    axes = _axes(dict(rules).get(KV_HEADS))
+    if n_kv_heads % math.prod(mesh.shape[a] for a in axes) == 0:
+        return rules
+    return tuple((name, None if name in (KV_HEADS, ACT_KV_HEADS) else target) for name, target in rules)
+
+
 def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> nnx.State:
     """`NamedSharding` for every variable of an (abstract) state from its logical axis metadata.
 
-    Raises ConfigError when a mesh axis does not divide the dimension it splits.
+    Raises ConfigError when a mesh axis does not divide the dimension it splits, naming the axis, the
+    dimension (its size and what it counts) and the weight.
     """
     with nnx.logical_axis_rules(rules or load_rules()):
         specs = nnx.get_partition_spec(state)
 
-    def sharding(path: tuple, spec: jax.P, leaf) -> jax.NamedSharding:
-        spec = _first_use(spec)
-        for dim, entry in zip(leaf.shape, spec):
+    def sharding(path: tuple, spec: nnx.Variable, variable: nnx.Variable) -> nnx.Variable:
+        spec = _first_use(spec.get_value())
+        leaf = variable.get_value()
+        logical = variable.get_metadata().get("out_sharding") or ()
+        for i, (dim, entry) in enumerate(zip(leaf.shape, spec)):
             axes = _axes(entry)
-            parts = math.prod(mesh.shape[a] for a in axes)
-            if dim % parts:
+            if dim % math.prod(mesh.shape[a] for a in axes):
                 name = ".".join(str(k) for k in (getattr(p, "key", getattr(p, "name", p)) for p in path)
                                 if k != "value")
                 split = ",".join(f"{a}={mesh.shape[a]}" for a in axes if mesh.shape[a] > 1)
-                raise ConfigError(
-                    f"mesh {split} does not divide dimension {dim} of {name} {list(leaf.shape)}; "
-                    f"choose axis sizes that divide it"
-                )
-        return jax.NamedSharding(mesh, spec)
+                what = _DIMENSION_NAMES.get(logical[i] if i < len(logical) else None, "entries")
+                raise ConfigError(f"the mesh axis {split} does not divide the {dim} {what} of {name} "
+                                  f"{list(leaf.shape)} (dimension {i}); choose axis sizes that divide it")
+        return variable.replace(value=jax.NamedSharding(mesh, spec))
 
-    return jax.tree.map_with_path(
-        lambda path, spec, leaf: sharding(path, spec, leaf.get_value() if hasattr(leaf, "get_value") else leaf),
-        specs, state,
-    )
+    return jax.tree.map_with_path(sharding, specs, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# What a parameter dimension counts, by its logical axis, for messages.
+_DIMENSION_NAMES = {VOCAB: "vocabulary entries", EMBED: "model dimensions", HEADS: "query heads",
+                    KV_HEADS: "KV heads", HEAD_DIM: "head dimensions", MLP: "FFN columns", EXP: "experts",
+                    LAYERS: "layers"}

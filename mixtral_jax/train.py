@@ -31,9 +31,11 @@ from tqdm import tqdm
 
 from mixtral_jax import api, data, losses, outputs, trained
 from mixtral_jax import sharding as sh
+from mixtral_jax.backends import Backend
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert.sources import TOKENIZER_FILES
 from mixtral_jax.errors import CheckpointError, ConfigError, TrainingDiverged
+from mixtral_jax.layers import Mode
 from mixtral_jax.model import Transformer
 from mixtral_jax.tokenizer import Tokenizer, default_tokenizer_path
 
@@ -88,12 +90,14 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "scale", params)
 
 
-def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(params: Any, graphdef: nnx.GraphDef, backend: Backend,
+            batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and its parts for a batch [B, T + 1] of token ids (inputs and shifted targets)."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = model(jnp.maximum(inputs, 0))
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    out = model(jnp.maximum(inputs, 0), positions, Mode.TRAIN, backend)
     loss = losses.cross_entropy(out.logits, jnp.maximum(targets, 0), targets >= 0)
     parts = {"loss": loss}
     total = loss
@@ -107,11 +111,11 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, batch: jax.Array) -> tuple[jax.
     return total, parts
 
 
-def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: Any, opt_state: Any,
-               batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+def train_step(graphdef: nnx.GraphDef, backend: Backend, tx: optax.GradientTransformation, params: Any,
+               opt_state: Any, batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
     """One update; where the loss, the gradient norm or the updated parameters are not finite, the state
     comes back unchanged and `parts["finite"]` is False, so no state a checkpoint could save is ever NaN."""
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, backend, batch)
     parts["grad_norm"] = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
@@ -146,12 +150,12 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
     mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sh.make_mesh(mesh)
     _check_batch(tc, mesh)
     if init is not None:
-        model = api.load(init, dtype="float32", mesh=mesh)
+        model = api.load(init, dtype="float32", mesh=mesh, training=True)
         tokenizer = tokenizer or tokenizer_file(Path(init))
     else:
         cfg = api.resolve_config(config)
         _check_length(tc, cfg)  # before the initialisation compiles
-        model = api.init_random(cfg, seed=tc.seed, dtype="float32", mesh=mesh)
+        model = api.init_random(cfg, seed=tc.seed, dtype="float32", mesh=mesh, training=True)
         tokenizer = tokenizer or default_tokenizer_path()
     cfg = model.config if z_loss is None else model.config.replace(router_z_loss_coef=z_loss)
     _check_length(tc, cfg)
@@ -198,7 +202,7 @@ def _run(output: Path, cfg: ModelConfig, tc: TrainConfig, model: api.Mixtral, to
 def _loop(output: Path, cfg: ModelConfig, tc: TrainConfig, model: api.Mixtral, batches: data.Batches,
           mesh: jax.sharding.Mesh, mngr, start: int, progress: bool) -> list[dict[str, float]]:
     tx, lr = optimizer(tc), schedule(tc)
-    params = nnx.to_pure_dict(model.params)
+    params = nnx.to_pure_dict(model.params)  # the checkpoint layout: a handle loaded for training holds it
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     with sh.rules_context(mesh):
         opt_state = jax.jit(tx.init)(params)
@@ -214,7 +218,7 @@ def _loop(output: Path, cfg: ModelConfig, tc: TrainConfig, model: api.Mixtral, b
     with sh.rules_context(mesh):
         batch_sharding = jax.NamedSharding(mesh, sh.logical_spec((sh.BATCH, sh.LENGTH)))
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx),
+        functools.partial(train_step, graphdef, model.backend, tx),
         in_shardings=(param_shardings, opt_shardings, batch_sharding),
         out_shardings=(param_shardings, opt_shardings, None),
         donate_argnums=(0, 1),
@@ -266,13 +270,14 @@ def evaluate(model: api.Mixtral, tokens: np.ndarray, seq_len: int, batch_size: i
     with model.context():
         for i in range(0, len(windows), batch_size):
             batch = jnp.asarray(windows[i : i + batch_size])
-            total += float(_eval_loss(model.graphdef, model.params, batch)) * float(jnp.sum(batch[:, 1:] >= 0))
+            loss = _eval_loss(model.graphdef, model.backend, model.params, batch)
+            total += float(loss) * float(jnp.sum(batch[:, 1:] >= 0))
     return total / (n * seq_len)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_loss(graphdef: nnx.GraphDef, params: Any, batch: jax.Array) -> jax.Array:
-    return loss_fn(params, graphdef, batch)[1]["loss"]
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_loss(graphdef: nnx.GraphDef, backend: Backend, params: Any, batch: jax.Array) -> jax.Array:
+    return loss_fn(params, graphdef, backend, batch)[1]["loss"]
 
 
 def _check_output(output: Path) -> None:

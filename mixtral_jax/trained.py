@@ -1,4 +1,4 @@
-"""A training OUTPUT folder: its layout, its Orbax `CheckpointManager`, and loading its latest weights.
+"""A training OUTPUT folder: its layout, its Orbax `CheckpointManager`, and where its latest weights lie.
 
     OUTPUT/model_config.json   the ModelConfig the run trains (float32 parameters)
     OUTPUT/train_config.json   the settings a resumed run must repeat (batch, length, seed, optimizer)
@@ -16,10 +16,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from mixtral_jax import checkpoint
-from mixtral_jax.config import ModelConfig
 from mixtral_jax.errors import CheckpointError
 
 MODEL_CONFIG = "model_config.json"
@@ -91,30 +89,6 @@ def latest_step_folder(output: str | os.PathLike) -> Path:
     if step is None:
         raise CheckpointError(f"{output}: the training run has no saved step yet")
     return _step_folder(mngr, step)
-
-
-def restore_trained_params(output: str | os.PathLike, abstract_state: nnx.State,
-                           mesh: jax.sharding.Mesh) -> nnx.State:
-    """The parameters of the latest step in a training OUTPUT, in the sharding their logical axes imply on `mesh`.
-
-    `abstract_state` gives the tree and dtypes (a dtype other than float32 casts on restore). The step's
-    `params` item is read as a model folder's `params/` is (`checkpoint.restore`), with the same checks and
-    the same one-line errors for a damaged file.
-    """
-    return checkpoint.restore(latest_step_folder(output), jax.tree.map(lambda x: x, abstract_state), mesh)
-
-
-def load_trained(output: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None):
-    """A `Mixtral` handle with the latest weights of a training OUTPUT (and its tokenizer)."""
-    from mixtral_jax import api
-
-    output = Path(output)
-    cfg = ModelConfig.load(output / MODEL_CONFIG).with_dtype(dtype)
-    mesh = api.default_mesh(mesh)
-    graphdef, abstract = api.abstract_model(cfg)
-    params = restore_trained_params(output, abstract, mesh)
-    tokenizer = output / TOKENIZER
-    return api.Mixtral(cfg, graphdef, params, api._tokenizer(tokenizer if tokenizer.is_file() else None), mesh)
 
 
 def _step_folder(mngr: ocp.CheckpointManager, step: int) -> Path:

@@ -63,7 +63,7 @@ def test_cli_score_json_is_within_2e_4_of_transformers_logprobs(capsys, hf_mixtr
 @pytest.fixture(scope="module")
 def default_model():
     """The built-in default model, made once for the tests that run it in this process."""
-    return _common.load_model(argparse.Namespace(checkpoint=None, dtype=None, mesh=None))
+    return _common.load_model(argparse.Namespace(checkpoint=None, dtype=None, mesh=None, backend=None))
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,8 @@ def test_a_model_vocabulary_larger_than_its_tokenizer_never_samples_unknown_ids(
     model = mixtral_jax.init_random(cfg, seed=0, dtype="float32")
     head = model.params["lm_head"]
     head.set_value(head.get_value().at[:, tokenizer.vocab_size:].set(1.0))  # the padded ids lead every logit
-    checkpoint.write_model(tmp_path / "padded", model.config, model.params, tokenizer=_common_tokenizer_path())
+    checkpoint.write_model(tmp_path / "padded", model.config, model.checkpoint_params(),
+                           tokenizer=_common_tokenizer_path())
     code, out, err = _run(capsys, "generate", "--checkpoint", str(tmp_path / "padded"), "--prompt", "def f",
                           "--prompt", "x", "--max-new-tokens", "6", "--json", "--temperature", "1.5", "--top-k", "100")
     assert code == 0, err

@@ -5,12 +5,12 @@ import math
 import jax
 import pytest
 
-from mixtral_jax import api, config
+from mixtral_jax import config, model
 from mixtral_jax.errors import ConfigError
 
 
 def _param_count(cfg):
-    _, abstract = api.abstract_model(cfg)
+    _, abstract = model.abstract(cfg)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
 
 
@@ -42,7 +42,8 @@ HF_MIXTRAL = {
 }
 
 
-@pytest.mark.parametrize("rope", [{"rope_theta": 1e6}, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}])
+@pytest.mark.parametrize("rope", [{"rope_theta": 1e6},
+                                  {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}])
 def test_hf_config_both_rope_layouts_equal_the_preset(rope):
     assert config.from_hf_config({**HF_MIXTRAL, **rope}) == config.preset("mixtral-8x7b")
 

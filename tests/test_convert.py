@@ -96,7 +96,7 @@ def test_bfloat16_conversion_stores_bfloat16(hf_mixtral, tmp_path):
 def test_streamed_layout_is_what_orbax_writes(converted, tmp_path):
     """The tree metadata written slice by slice equals StandardCheckpointer's own for the same parameters."""
     model = mixtral_jax.load(converted)
-    saved = checkpoint.write_model(tmp_path / "saved", model.config, model.params)
+    saved = checkpoint.write_model(tmp_path / "saved", model.config, model.checkpoint_params())
     ours = json.loads((converted / checkpoint.PARAMS_DIR / "_METADATA").read_text())
     theirs = json.loads((saved / checkpoint.PARAMS_DIR / "_METADATA").read_text())
     assert ours == theirs
@@ -160,7 +160,7 @@ converted, scratch = sys.argv[1], sys.argv[2]
 ids = np.random.default_rng(0).integers(0, 96, (2, 19))
 single = np.asarray(mixtral_jax.load(converted, dtype="float32").logits(ids))
 a = mixtral_jax.load(converted, dtype="float32", mesh="data=2,expert=4")
-saved = checkpoint.write_model(scratch + "/from_a", a.config, a.params)
+saved = checkpoint.write_model(scratch + "/from_a", a.config, a.checkpoint_params())
 b = mixtral_jax.load(saved, mesh="fsdp=4,tensor=2")
 w1 = b.params["layers"]["ffn"]["w1"][...]
 print(json.dumps({

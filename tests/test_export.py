@@ -19,7 +19,7 @@ def test_exported_folder_gives_transformers_equal_logprobs(tmp_path, dense):
     cfg = mixtral_jax.preset("tiny").replace(vocab_size=96, n_experts=0 if dense else 4, top_k=0 if dense else 2,
                                              max_seq_len=256)
     model = mixtral_jax.init_random(cfg, seed=3, dtype="float32")
-    export(model.config, model.params, tmp_path / "hf")
+    export(model.config, model.checkpoint_params(), tmp_path / "hf")
     ours = jax.nn.log_softmax(model.logits(IDS), axis=-1)
     theirs = reference.hf_logprobs(tmp_path / "hf", IDS)
     assert np.max(np.abs(np.asarray(ours) - theirs)) < 2e-4
@@ -31,7 +31,8 @@ def test_export_command_round_trips_a_checkpoint(tmp_path, hf_mixtral):
     assert config["architectures"] == ["MixtralForCausalLM"]
     again = mixtral_jax.load(tmp_path / "out")
     original = mixtral_jax.load(hf_mixtral)
-    diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), again.params, original.params)
+    diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), again.params,
+                        original.params)
     assert max(jax.tree.leaves(diff)) == 0.0
     assert np.max(np.abs(reference.hf_logprobs(tmp_path / "out", IDS) - reference.hf_logprobs(hf_mixtral, IDS))) == 0.0
 

@@ -12,9 +12,9 @@ import torch
 from transformers import MixtralForCausalLM
 
 import mixtral_jax
+from mixtral_jax import backends
 from mixtral_jax import generate as gen
-from mixtral_jax import layers
-from mixtral_jax.layers import dot_product
+from mixtral_jax.backends.attention import key_block
 from mixtral_jax.errors import MixtralError
 from tests import reference
 
@@ -61,13 +61,26 @@ def test_ragged_batch_equals_single_prompts(model, greedy):
     assert greedy == [model.generate([p], NEW, stop_at_eos=False)[0] for p in PROMPTS]
 
 
-def test_dot_product_attention_prefill_generates_the_same_tokens(model, greedy, monkeypatch):
-    """The one-chunk prefill of the ragged batch (with a batch-padding row) through
-    `jax.nn.dot_product_attention` (`attention_impl="dot_product"`) gives the same tokens."""
+@pytest.mark.parametrize("backend", [backends.Backend(), backends.GpuBackend(cudnn=False),
+                                     backends.TpuBackend(interpret=True), backends.CpuBackend(split=True)],
+                         ids=lambda b: b.name + ("-split" if getattr(b, "split", False) else ""))
+def test_every_backend_generates_the_same_tokens(model, greedy, backend):
+    """The reference, the GPU backend (its fused `jax.nn.dot_product_attention`, XLA's implementation here),
+    the TPU backend (megablox, interpreted) and the CPU split layout give the ragged batch's greedy tokens."""
+    assert model.with_backend(backend).generate(PROMPTS, NEW, stop_at_eos=False) == greedy
+
+
+def test_dot_product_attention_prefill_and_decode_generate_the_same_tokens(model, greedy, monkeypatch):
+    """The one-chunk prefill of the ragged batch (with a batch-padding row) and every decode step run through
+    `jax.nn.dot_product_attention` on the GPU backend, and give the same tokens."""
     calls = []
-    monkeypatch.setattr(layers, "dot_product", lambda *args: calls.append(args) or dot_product(*args))
-    assert model.with_options(attention_impl="dot_product").generate(PROMPTS, NEW, stop_at_eos=False) == greedy
-    assert calls and all(args[0].shape[:2] == (4, 16) for args in calls)  # the prefill's one 16-token chunk
+    causal, decode = backends.GpuBackend._causal, backends.GpuBackend.decode_attention
+    monkeypatch.setattr(backends.GpuBackend, "_causal", lambda self, *a: calls.append(a[0].shape) or causal(self, *a))
+    monkeypatch.setattr(backends.GpuBackend, "decode_attention",
+                        lambda self, *a: calls.append(a[0].shape) or decode(self, *a))
+    gpu = model.with_backend(backends.GpuBackend(cudnn=False, moe="grouped"))  # compiled here, not before
+    assert gpu.generate(PROMPTS, NEW, stop_at_eos=False) == greedy
+    assert {shape[:2] for shape in calls} == {(4, 16), (4, 1)}  # the prefill's one 16-token chunk; decode
 
 
 def test_cached_decode_equals_full_forward(model):
@@ -80,7 +93,7 @@ def test_cached_decode_equals_full_forward(model):
 @pytest.mark.parametrize("length, chunks", [(37, (8, 256)), (150, (32, 256))])
 def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral, length, chunks):
     """37 tokens: 5 chunks with a padded tail, or one pass. 150 (192 cache slots): the chunks attend to the
-    cache in blocks of 64 slots up to their last position (`layers.attend_blocks`)."""
+    cache in blocks of 64 slots up to their last position (`attention.attend_blocks`)."""
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, length).tolist()
     ref = reference.hf_logprobs(hf_mixtral, np.asarray([ids]))[0]
     ref = ref[np.arange(len(ids) - 1), ids[1:]]
@@ -90,7 +103,7 @@ def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral, l
 
 def test_long_prompt_prefill_in_key_blocks_equals_transformers(model, hf_mixtral):
     prompt = np.random.default_rng(1).integers(1, model.config.vocab_size, 150).tolist()  # no pad id 0
-    assert layers.key_block(gen.cache_slots(model.config, 150 + 8)) == 64
+    assert key_block(gen.cache_slots(model.config, 150 + 8)) == 64
     new = gen.generate(model, [prompt], 8, stop_at_eos=False, chunk=32)[0]  # 5 chunks, 1 to 3 blocks each
     assert new == hf_greedy(hf_mixtral, (tuple(prompt),), 8)[0]
 
@@ -103,13 +116,15 @@ def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bou
     logits = np.asarray(model.logits([LONG + new]))[0, len(LONG) - 1 : -1]
     assert new == logits.argmax(-1).tolist()
     run = gen._Run(model, [LONG], 200, 0.0, None, None, 0, False, 8)
-    state = gen.prefill.eval_shape(model.graphdef, model.params, model.split, *run.args, **run.static)
-    assert state.cache.pos.shape[1] == state.cache.v.shape[-2] == 5 + 8 - 1  # window + chunk - 1 slots, not 213
+    state = gen.programs(model.backend).prefill.eval_shape(model.graphdef, model.params, *run.args,
+                                                           backend=model.backend, **run.static)
+    slots = state.cache.kv.v.shape[1 + model.backend.kv_layout.v.index("S")]
+    assert state.cache.pos.shape[1] == slots == 5 + 8 - 1  # window + chunk - 1 slots, not 213
 
 
 def test_rows_stop_at_their_first_eos(model, greedy):
     eos = greedy[0][3]
-    stopping = mixtral_jax.Mixtral(model.config, model.graphdef, model.params, _Eos(eos), model.mesh)
+    stopping = model.with_tokenizer(_Eos(eos))
     stopped = stopping.generate(PROMPTS, NEW)
     assert sum(map(len, stopped)) < sum(map(len, greedy))
     for row, full in zip(stopped, greedy):
@@ -118,20 +133,22 @@ def test_rows_stop_at_their_first_eos(model, greedy):
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(model):
+    programs = gen.programs(model.backend)
     model.generate([[1, 2, 3]], NEW)
-    before = (gen.prefill._cache_size(), gen.decode._cache_size())
+    before = (programs.prefill._cache_size(), programs.decode._cache_size())
     for n, new in ((4, 24), (9, 23), (11, 21)):  # 16 prompt positions, 32 cache slots, 24 output slots
         assert len(model.generate([list(range(1, n + 1))], new, stop_at_eos=False)[0]) == new
-    assert (gen.prefill._cache_size(), gen.decode._cache_size()) == before
+    assert (programs.prefill._cache_size(), programs.decode._cache_size()) == before
 
 
 def test_stream_yields_generate_tokens_without_recompiling(model, greedy):
+    decode = gen.programs(model.backend).decode
     single = model.generate([PROMPTS[0]], NEW, stop_at_eos=False)[0]
-    before = gen.decode._cache_size()
+    before = decode._cache_size()
     steps = list(model.stream(PROMPTS, NEW, stop_at_eos=False))  # 6 segments of 4 steps
     assert [list(col) for col in zip(*steps)] == greedy
     assert list(model.stream(PROMPTS[0], NEW, stop_at_eos=False)) == single == greedy[0]
-    assert gen.decode._cache_size() == before  # the shapes generate compiled; nothing per token
+    assert decode._cache_size() == before  # the shapes generate compiled; nothing per token
 
 
 def test_sampling_is_reproducible_and_seeded(model):
@@ -155,7 +172,7 @@ def test_prefill_chunks_and_cache_slots(model):
     assert gen.default_chunk(cfg.replace(sliding_window=5), 1) == 256  # the ring grows with the chunk
     assert gen.cache_slots(cfg, 150) == 192 and gen.cache_slots(cfg, 40) == 48  # buckets
     clipped = cfg.replace(max_seq_len=1000)
-    assert gen.cache_slots(clipped, 900) == 1024 and layers.key_block(1024) == 256  # not 1000 slots in one pass
+    assert gen.cache_slots(clipped, 900) == 1024 and key_block(1024) == 256  # not 1000 slots in one pass
 
 
 @pytest.mark.parametrize("prompts, new, settings, message", [

@@ -1,39 +1,43 @@
-"""The split runtime layout (per-layer, per-expert buffers) computes what the stacked layout computes."""
+"""The CPU backend's split layout (per-layer, per-expert buffers) computes what the stacked layout computes,
+and is the only copy of the weights a handle holds."""
 
 import re
-import types
 
 import jax
 import numpy as np
 import pytest
 
 import mixtral_jax
-from mixtral_jax import config, generate, layout, quant
-from mixtral_jax.errors import MixtralError
+from mixtral_jax import backends, config, generate
+from mixtral_jax.backends import cpu
+from mixtral_jax.layers import Mode
 
 CFG = config.preset("tiny").replace(vocab_size=256, dtype="float32", param_dtype="float32")
 PROMPTS = [[1, 17, 42, 5, 88, 23, 9], [1, 60], [1, 3, 70, 71, 33, 12, 50, 8], [4, 4], [9]]
+SPLIT = backends.CpuBackend(split=True, bf16=cpu.bf16_support())
+STACKED = backends.CpuBackend(split=False, bf16=cpu.bf16_support())
 
 
 @pytest.fixture(scope="module")
 def models():
-    split_model = mixtral_jax.init_random(CFG.replace(layout="split"), seed=3)
-    return split_model, split_model.with_options(layout="stacked")
+    split_model = mixtral_jax.init_random(CFG, seed=3, backend=SPLIT)
+    return split_model, split_model.with_backend(STACKED)
 
 
 def test_split_buffers_are_per_layer_and_expert(models):
     split_model, stacked = models
-    assert stacked.split is None
-    layers = split_model.split.layers
-    assert len(layers) == CFG.n_layers
-    w1 = layers[0]["ffn"]["w1"].get_value()
+    ffn = split_model.params["layers"]["ffn"]
+    assert len(ffn["w1"].get_value()) == CFG.n_layers
+    w1 = ffn["w1"].get_value()[0]
     assert isinstance(w1, tuple) and len(w1) == CFG.n_experts and w1[0].shape == (CFG.ffn_dim, CFG.dim)
-    assert layers[1]["attn"]["wq"].get_value().shape == (CFG.dim, CFG.n_heads, CFG.head_dim)
+    assert split_model.params["layers"]["attn"]["wq"].get_value()[1].shape == (CFG.dim, CFG.n_heads, CFG.head_dim)
     stacked_w1 = np.asarray(stacked.params["layers"]["ffn"]["w1"].get_value())
-    np.testing.assert_array_equal(np.asarray(layers[1]["ffn"]["w1"].get_value()[5]), stacked_w1[1, 5].T)
+    np.testing.assert_array_equal(np.asarray(ffn["w1"].get_value()[1][5]), stacked_w1[1, 5].T)
     head = np.asarray(stacked.params["lm_head"].get_value())
-    np.testing.assert_array_equal(np.asarray(split_model.split.head), head.T)  # output-major [V, D]
-    assert split_model.with_options(moe_impl="grouped").split is split_model.split  # shared, not copied again
+    np.testing.assert_array_equal(np.asarray(split_model.params["lm_head"].get_value()), head.T)  # output-major
+    assert split_model.with_options(max_seq_len=128).params is split_model.params  # shared, not copied again
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(split_model.checkpoint_params()),
+                                                  jax.tree.leaves(stacked.checkpoint_params())))
 
 
 def test_split_logits_and_scores_equal_stacked(models):
@@ -46,9 +50,10 @@ def test_split_logits_and_scores_equal_stacked(models):
 def test_split_prefill_runs_the_last_layer_at_the_logit_index_only(models):
     split_model, stacked = models
     ids = jax.numpy.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (3, 12)))
+    positions = jax.numpy.broadcast_to(jax.numpy.arange(12), ids.shape)
     index = jax.numpy.asarray([11, 4, 0])
-    pruned = split_model.module(ids, logit_index=index, split=split_model.split)
-    full = stacked.module(ids, logit_index=index)
+    pruned = split_model.module(ids, positions, Mode.TRAIN, SPLIT, logit_index=index)
+    full = stacked.module(ids, positions, Mode.TRAIN, STACKED, logit_index=index)
     assert pruned.logits.shape == (3, 1, CFG.vocab_size) and pruned.router_logits is None
     np.testing.assert_allclose(pruned.logits, full.logits, atol=2e-5, rtol=1e-5)
 
@@ -63,19 +68,20 @@ def test_split_generate_equals_stacked(models, n_prompts):
     assert chunked == stacked.generate(prompts, 4, stop_at_eos=False)
 
 
-@pytest.mark.skipif(layout.cpu_bf16() != "amx", reason="bfloat16 operands are kept throughout on AMX CPUs only")
+@pytest.mark.skipif(cpu.bf16_support() != "amx", reason="bfloat16 operands are kept throughout on AMX CPUs only")
 @pytest.mark.parametrize("n_prompts", [1, 5])  # decode steps of one row (lone rows doubled) and of eight
 def test_bf16_programs_never_widen_a_weight(n_prompts):
     """XLA:CPU widens to float32 the weights of a bfloat16 product with a bfloat16 result or of one row, and
     a whole embedding table read through a widening gather: no weight-shaped float32 array is left."""
-    cfg = CFG.replace(vocab_size=250, dim=40, ffn_dim=72, dtype="bfloat16", param_dtype="bfloat16",
-                      layout="split")  # weight shapes no activation has
-    model = mixtral_jax.init_random(cfg, seed=3)
+    cfg = CFG.replace(vocab_size=250, dim=40, ffn_dim=72, dtype="bfloat16", param_dtype="bfloat16")
+    model = mixtral_jax.init_random(cfg, seed=3, backend=SPLIT)  # weight shapes no activation has
     run = generate._Run(model, PROMPTS[:n_prompts], 4, 0.0, None, None, 0, False, None)
-    weights = (model.graphdef, model.params, model.split)
+    compiled = generate.programs(model.backend)
     state = run.prefill()
-    programs = {"prefill": generate.prefill.lower(*weights, *run.args, **run.static),
-                "decode": generate.decode.lower(*weights, state, np.int32(4), run.args[-1])}
+    programs = {"prefill": compiled.prefill.lower(model.graphdef, model.params, *run.args, backend=model.backend,
+                                                  **run.static),
+                "decode": compiled.decode.lower(model.graphdef, model.params, state, np.int32(4), run.args[-1],
+                                                backend=model.backend)}
     d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
     shapes = [f"f32[{a},{b}]{{" for a, b in ((f, d), (d, f), (v, d), (d, v))]
     shapes.append(f"f32[{d},{cfg.n_heads},{cfg.head_dim}]{{")
@@ -83,7 +89,7 @@ def test_bf16_programs_never_widen_a_weight(n_prompts):
         arrays = _materialised(program.compile().as_text())
         assert [a for a in arrays if any(a.startswith(s) for s in shapes)] == [], name
     # and they run (XLA:CPU's DotThunk has no bfloat16 x bfloat16 = float32 kernel for some layouts)
-    stacked = model.with_options(layout="stacked")
+    stacked = model.with_backend(STACKED)
     assert model.generate(PROMPTS[:n_prompts], 4) == stacked.generate(PROMPTS[:n_prompts], 4)
 
 
@@ -102,29 +108,31 @@ def _materialised(hlo: str, ops: bool = False) -> list:
 
 
 def test_split_int8_equals_stacked_int8(models):
-    split_model, stacked = (quant.quantize(m) for m in models)
+    split_model, stacked = (m.quantize() for m in models)
     ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, 16))
-    assert isinstance(split_model.split.layers[0]["ffn"]["scales"]["w2"].get_value(), tuple)
-    assert stacked.split is None
+    assert isinstance(split_model.params["layers"]["ffn"]["scales"]["w2"].get_value()[0], tuple)
+    assert stacked.params["layers"]["ffn"]["scales"]["w2"].get_value().shape == (CFG.n_layers, CFG.n_experts, 1,
+                                                                                  CFG.dim)
     np.testing.assert_allclose(split_model.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
     assert split_model.generate([PROMPTS[0]], 8) == stacked.generate([PROMPTS[0]], 8)
 
 
-def test_auto_splits_large_models_on_one_cpu_device_and_split_is_refused_on_a_mesh():
-    mesh = types.SimpleNamespace(devices=np.empty((2, 1), object))
-    with pytest.raises(MixtralError, match="single device"):
-        layout.use_split(CFG.replace(layout="split"), mesh, 1 << 30)
-    assert not layout.use_split(CFG, mesh, 1 << 30)
-    assert layout.use_split(CFG.replace(layout="split"), None, 1)
-    assert not layout.use_split(CFG, None, layout.SPLIT_FROM_BYTES - 1)  # the demo and test models
-    assert layout.use_split(CFG, None, layout.SPLIT_FROM_BYTES) == (jax.devices()[0].platform == "cpu")
+def test_auto_splits_large_models_on_one_cpu_device_only():
+    one = jax.make_mesh((1,) * 4, ("data", "fsdp", "expert", "tensor"), devices=jax.devices()[:1],
+                        axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    assert cpu.layer_bytes(CFG) < cpu.SPLIT_FROM_BYTES  # the demo and test models
+    assert not backends.resolve(None, CFG, one).split
+    big = CFG.replace(n_layers=CFG.n_layers * (cpu.SPLIT_FROM_BYTES // cpu.layer_bytes(CFG) + 1))
+    assert backends.resolve(None, big, one).split
+    assert cpu.layer_bytes(config.preset("mixtral-8x7b")) == 32 * (4096 * (2 * 32 + 2 * 8) * 128 + 2 * 4096
+                                                                 + 8 * 4096 + 3 * 4096 * 14336 * 8) * 2
 
 
 def test_split_with_tied_embeddings_reads_the_embedder_as_head():
-    tied = mixtral_jax.init_random(CFG.replace(layout="split", tie_embeddings=True, n_layers=1), seed=4)
-    assert tied.split.head is None
+    tied = mixtral_jax.init_random(CFG.replace(tie_embeddings=True, n_layers=1), seed=4, backend=SPLIT)
+    assert "lm_head" not in tied.params
     ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (3, 5))
-    np.testing.assert_allclose(tied.logits(ids), tied.with_options(layout="stacked").logits(ids), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(tied.logits(ids), tied.with_backend(STACKED).logits(ids), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -133,14 +141,14 @@ def test_split_decode_step_copies_no_cache_buffer(dtype):
     cache buffer's size is written (XLA:CPU copied each buffer twice a step for a write ahead of the reads,
     and transposed one for a layout other than its batched matmuls take; a bfloat16 cache it widened whole
     to float32 and back for each write, so a 16-bit model's split cache is float32)."""
-    model = mixtral_jax.init_random(CFG.replace(layout="split", dtype=dtype, param_dtype=dtype), seed=3)
+    model = mixtral_jax.init_random(CFG.replace(dtype=dtype, param_dtype=dtype), seed=3, backend=SPLIT)
     run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, None)
     state = run.prefill()
-    hlo = generate.decode.lower(model.graphdef, model.params, model.split, state, np.int32(40),
-                                run.args[-1]).compile().as_text()
-    assert state.cache.k[0].dtype == np.float32
-    cache = {f"{t}[{','.join(map(str, buf.shape))}]{{" for buf in (state.cache.k[0], state.cache.v[0])
-             for t in ("f32", "bf16")}
+    hlo = generate.programs(model.backend).decode.lower(model.graphdef, model.params, state, np.int32(40),
+                                                        run.args[-1], backend=model.backend).compile().as_text()
+    kv = state.cache.kv
+    assert kv.k[0].dtype == np.float32
+    cache = {f"{t}[{','.join(map(str, buf.shape))}]{{" for buf in (kv.k[0], kv.v[0]) for t in ("f32", "bf16")}
     writes = [op for op, shape in _materialised(hlo, ops=True) if shape in cache]
     assert writes and all(op.startswith(("get-tuple-element", "parameter", "select_dynamic-update-slice_fusion"))
                           for op in writes), sorted(set(writes))

@@ -85,7 +85,7 @@ def test_total_loss_adds_the_aux_coefficient_once():
     cfg = mixtral_jax.preset("tiny").replace(vocab_size=64, router_aux_loss_coef=0.02, router_z_loss_coef=0.001)
     model = mixtral_jax.init_random(cfg, seed=0, dtype="float32")
     batch = jnp.asarray(np.random.default_rng(5).integers(0, 64, size=(2, 9)), jnp.int32)
-    total, parts = train.loss_fn(model.params, model.graphdef, batch)
+    total, parts = train.loss_fn(model.params, model.graphdef, model.backend, batch)
     expected = parts["loss"] + 0.02 * parts["aux_loss"] + 0.001 * parts["z_loss"]
     assert abs(float(total) - float(expected)) < 1e-6
     assert 1.5 < float(parts["aux_loss"]) < 4.0  # near top_k = 2 for a random router, not scaled by 0.02

@@ -21,15 +21,18 @@ def mesh_results():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    single, *results = (line for line in lines if "mesh" in line)
-    return single, {r["mesh"]: r for r in results}, {r["strategy"]: r["max_abs_err"] for r in lines if "strategy" in r}
+    single, *results = (line for line in lines if "mesh" in line and "kv_heads" not in line)
+    errors = {r["strategy"]: r["max_abs_err"] for r in lines if "strategy" in r}
+    kv_runs = [line for line in lines if "kv_heads" in line]
+    jax_mesh = next(r["jax_mesh"] for r in lines if "jax_mesh" in r)
+    return single, {r["mesh"]: r for r in results}, errors, kv_runs, jax_mesh
 
 
 @pytest.mark.slow
 @pytest.mark.multidevice
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_mesh_gives_single_device_logprobs_and_greedy_tokens(mesh_results, mesh):
-    single, on_mesh, _ = mesh_results
+    single, on_mesh, *_ = mesh_results
     result = on_mesh[mesh]
     assert result["devices"] == 8
     np.testing.assert_allclose(result["logprobs"], single["logprobs"], atol=1e-5, rtol=0)
@@ -38,7 +41,25 @@ def test_every_mesh_gives_single_device_logprobs_and_greedy_tokens(mesh_results,
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-@pytest.mark.parametrize("strategy", ["reference", "grouped", "decode", "grouped/megablox"])
+@pytest.mark.parametrize("strategy", ["reference", "grouped", "decode", "grouped/megablox", "grouped/int8"])
 def test_every_strategy_runs_expert_parallel_and_equals_reference(mesh_results, strategy):
-    _, _, errors = mesh_results
+    _, _, errors, *_ = mesh_results
     assert errors[strategy] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_kv_heads_the_tensor_axis_does_not_divide_are_replicated(mesh_results):
+    """1 KV head on tensor=2 and 2 KV heads on tensor=4: the single-device greedy tokens."""
+    *_, kv_runs, _ = mesh_results
+    assert [(r["kv_heads"], r["mesh"]) for r in kv_runs] == [(1, "tensor=2,expert=4"), (2, "tensor=4,expert=2")]
+    for run in kv_runs:
+        assert run["tokens"] == run["single"]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_a_jax_mesh_of_some_of_our_axes_is_accepted(mesh_results):
+    """`jax.make_mesh((8,), ("expert",))` with Explicit axes: the single-device greedy tokens."""
+    single, *_, tokens = mesh_results
+    assert tokens == single["tokens"]

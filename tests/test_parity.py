@@ -1,10 +1,14 @@
-"""Log-probs equal transformers' MixtralForCausalLM / MistralForCausalLM on random-weight checkpoints."""
+"""Log-probs equal transformers' MixtralForCausalLM / MistralForCausalLM on random-weight checkpoints, for
+every backend."""
+
+import dataclasses
 
 import jax
 import numpy as np
 import pytest
 
 import mixtral_jax
+from mixtral_jax import backends
 from tests import reference
 
 TOL = 2e-4
@@ -29,24 +33,24 @@ def checkpoint(request, tmp_path_factory):
     return reference.make_hf_checkpoint(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
 
 
-@pytest.mark.parametrize("impl", ["reference", "grouped", "decode", "grouped/megablox"])
-def test_logprobs_equal_transformers(checkpoint, impl):
-    """Each MoE path; `grouped/megablox` is the TPU grouped kernel, interpreted on CPU."""
+BACKENDS = {
+    "reference": backends.Backend(), "cpu": backends.CpuBackend(), "cpu-split": backends.CpuBackend(split=True),
+    "tpu": backends.TpuBackend(interpret=True),  # megablox, interpreted on CPU
+    "gpu": backends.GpuBackend(cudnn=False),  # `jax.nn.dot_product_attention`, XLA's implementation here
+}
+
+
+@pytest.mark.parametrize("backend, impl", [("cpu", "reference"), ("cpu", "grouped"), ("cpu", "decode"),
+                                           ("cpu-split", "grouped"), ("cpu-split", "decode"),
+                                           ("reference", "grouped"), ("tpu", "grouped"), ("gpu", "grouped")])
+def test_logprobs_equal_transformers(checkpoint, backend, impl):
+    """Each backend, and each MoE path of the CPU's."""
     ids = _ids(reference.BASE["vocab_size"])
     ref = reference.hf_logprobs(checkpoint, ids)
-    impl, _, kernel = impl.partition("/")
-    model = mixtral_jax.load(checkpoint, dtype="float32")
-    model = model.with_options(moe_impl=impl, grouped_kernel=kernel or "auto")
+    model = mixtral_jax.load(checkpoint, dtype="float32", backend=dataclasses.replace(BACKENDS[backend], moe=impl))
     ours = np.asarray(_logprobs(model, ids))
     assert ref.std() > 0.5, "reference log-probs too flat to test anything"
     assert np.abs(ours - ref).max() <= TOL
-
-
-def test_dot_product_attention_equals_transformers(checkpoint):
-    """`attention_impl="dot_product"`: `jax.nn.dot_product_attention` (XLA's here, cuDNN's on a GPU)."""
-    ids = _ids(reference.BASE["vocab_size"])
-    model = mixtral_jax.load(checkpoint, dtype="float32").with_options(attention_impl="dot_product")
-    assert np.abs(np.asarray(_logprobs(model, ids)) - reference.hf_logprobs(checkpoint, ids)).max() <= TOL
 
 
 def test_dense_sliding_window_mistral_equals_transformers(tmp_path):
@@ -67,7 +71,8 @@ def test_mistral_consolidated_names_and_rope_order(hf_mixtral, tmp_path):
 def test_bfloat16_stays_close(hf_mixtral):
     """bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.004) in weights and activations; through two
     layers the log-probs of these O(1)-scale random weights move by a few hundredths. We assert 0.15 on
-    the max and 0.02 on the mean, and that the top-1 prediction agrees on 90% of positions (measured: max 0.10, mean 0.013, 97%)."""
+    the max and 0.02 on the mean, and that the top-1 prediction agrees on 90% of positions (measured: max
+    0.10, mean 0.013, 97%)."""
     ids = _ids(reference.BASE["vocab_size"], (2, 32))
     ref = reference.hf_logprobs(hf_mixtral, ids)
     model = mixtral_jax.load(hf_mixtral, dtype="bfloat16")

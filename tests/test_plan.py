@@ -46,5 +46,26 @@ def test_chip_names_and_unknown_chip_and_indivisible_mesh():
     assert plan.hbm_of("v5e") == plan.hbm_of("TPU-v5e") == 16
     with pytest.raises(ConfigError, match="unknown chip"):
         plan.hbm_of("tpu-v9")
-    with pytest.raises(ConfigError, match="does not divide dimension 2 of layers.attn.wk"):
-        plan.plan("tiny", "tensor=4", max_len=64)
+    with pytest.raises(ConfigError, match=r"the mesh axis tensor=8 does not divide the 4 query heads of "
+                                          r"layers.attn.wo \[2, 4, 16, 64\] \(dimension 1\)"):
+        plan.plan("tiny", "tensor=8", max_len=64)
+
+
+@pytest.mark.slow
+def test_the_accelerator_benchmark_runs_on_whatever_device_jax_has(tmp_path):
+    """`python -m benchmarks.accelerator --quick` (a tiny model on the CPU here): one row per backend and expert
+    dtype, each with decode and prefill throughput and their fractions of the device's limits."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--quick", "--new", "8", "--json", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"].split()[0], r["experts"]) for r in rows] == [
+        ("cpu", "bfloat16"), ("cpu", "int8"), ("reference", "bfloat16"), ("reference", "int8")]
+    assert all(r["decode b1 tok/s"] > 0 and r["prefill tok/s"] > 0 and r["prefill of limit"] > 0 for r in rows)
+    assert "| backend | experts | decode b1 tok/s |" in proc.stdout

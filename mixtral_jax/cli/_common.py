@@ -24,6 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="SentencePiece model (default: the checkpoint's; else Mixtral's for a 32000-token vocab)")
     p.add_argument("--dtype", choices=DTYPES, help="weights and compute dtype (default: as stored)")
     p.add_argument("--mesh", help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
+    p.add_argument("--backend", choices=("reference", "cpu", "gpu", "tpu"),
+                   help="how the model runs (default: the platform's; docs/backends.md)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load a Hugging Face or Mistral folder whose weights hold NaN or inf (refused by default)")
     distributed.add_distributed_args(p)
@@ -52,9 +54,9 @@ def load_model(args: argparse.Namespace) -> Mixtral:
     from mixtral_jax import demo
 
     if args.checkpoint is not None:
-        return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh,
+        return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh, backend=args.backend,
                                 allow_non_finite=args.allow_non_finite)
-    model = demo.load(dtype=args.dtype, mesh=args.mesh)
+    model = demo.load(dtype=args.dtype, mesh=args.mesh, backend=args.backend)
     note(f"no --checkpoint given: running {demo.NAME}")
     return model
 

@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.hf_folder).exists() and not args.force:
         raise CheckpointError(f"{args.hf_folder}: already exists (pass --force to replace it)")
     outputs.check_replaceable(args.hf_folder, [source])  # before the weights are loaded
-    model = api.load(source)
-    export(model.config, model.params, args.hf_folder, args.dtype, tokenizer_file(source), force=args.force,
-           sources=[source])
+    model = api.load(source, backend="reference")  # the checkpoint layout, which export walks
+    export(model.config, model.checkpoint_params(), args.hf_folder, args.dtype, tokenizer_file(source),
+           force=args.force, sources=[source])
     print(f"wrote {args.hf_folder}")
     return 0

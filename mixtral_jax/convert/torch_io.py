@@ -23,7 +23,8 @@ class TorchFile:
             import torch
         except ImportError:
             raise CheckpointError(
-                f"{self.path}: reading PyTorch files needs torch (pip install 'mixtral-jax[torch]')"
+                f"{self.path}: reading PyTorch files needs torch (the `torch` extra: pip install -e \".[torch]\" "
+                "from a checkout, or pip install torch)"
             ) from None
         try:
             state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import api, checkpoint, outputs
+from mixtral_jax import checkpoint, model, outputs
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.sources import open_source
@@ -38,7 +38,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
     src.check()
     cfg = src.config.with_dtype(dtype)
     rules = mapping.rules_for(src.naming, cfg)
-    abstract = nnx.to_pure_dict(api.abstract_model(cfg)[1])
+    abstract = nnx.to_pure_dict(model.abstract(cfg)[1])
     specs = {}
     for rule in rules:
         leaf = _get(abstract, rule.target)

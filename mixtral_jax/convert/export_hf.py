@@ -17,7 +17,6 @@ from typing import Any, Iterator, Sequence
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 from mixtral_jax import outputs
 from mixtral_jax.config import ModelConfig
@@ -48,13 +47,11 @@ INVERSE: dict[Transform, Transform] = {
 
 
 def hf_tensors(cfg: ModelConfig, params: dict[str, Any], dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, contiguous array) for every tensor of a parameter tree (a nested dict of arrays)."""
+    """(HF name, contiguous array) for every tensor of parameters in the checkpoint layout (path -> array,
+    `Mixtral.checkpoint_params`)."""
     np_dtype = DTYPES[dtype or cfg.param_dtype]
     for rule in mapping.rules_for("hf", cfg):
-        value = params
-        for key in rule.target.split("."):
-            value = value[key]
-        full = np.asarray(jax.device_get(value))
+        full = np.asarray(jax.device_get(params[rule.target]))
         counts = (cfg.n_layers, cfg.n_experts)[: rule.stacked_axes]
         for index in itertools.product(*map(range, counts)):
             name = rule.source.format(**dict(zip(("layer", "expert"), index)))
@@ -93,7 +90,7 @@ def hf_config(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
     return hf
 
 
-def export(cfg: ModelConfig, params: nnx.State | dict[str, Any], folder: str | os.PathLike,
+def export(cfg: ModelConfig, params: dict[str, Any], folder: str | os.PathLike,
            dtype: str | None = None, tokenizer: str | os.PathLike | None = None, force: bool = False,
            sources: Sequence[str | os.PathLike] = ()) -> Path:
     """Write `config.json`, `model.safetensors` (and `tokenizer.model`) as the folder `folder`.
@@ -106,9 +103,11 @@ def export(cfg: ModelConfig, params: nnx.State | dict[str, Any], folder: str | o
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    pure = params if isinstance(params, dict) else nnx.to_pure_dict(params)
+    if cfg.quantize != "none":
+        raise ConfigError(f"the model's experts are {cfg.quantize}: transformers' Mixtral reads float weights; "
+                          "export the model it was quantised from")
     with outputs.staging(folder, "export", force, sources) as tmp:
-        save_file(dict(hf_tensors(cfg, pure, dtype)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(dict(hf_tensors(cfg, params, dtype)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         outputs.readable_by_all(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
         if tokenizer is not None:

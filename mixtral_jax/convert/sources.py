@@ -16,10 +16,10 @@ import numpy as np
 
 from mixtral_jax import config as config_lib
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.errors import CheckpointError, ConfigError
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.safetensors_io import SafetensorsFile
 from mixtral_jax.convert.torch_io import TorchFile
+from mixtral_jax.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")  # RoPE tables, recomputed
