@@ -85,15 +85,12 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
     return jnp.where(pos < lengths[:, None], pos, -1)
 
 
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, limit: jax.Array,
-             eos: jax.Array, key: jax.Array, sampler: Sampler, *, backend: Backend, cfg: ModelConfig, chunk: int,
-             slots: int, n_out: int) -> DecodeState:
-    """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
-    first new token. The cache is filled C tokens at a time, for as many chunks as the longest prompt
-    needs (T may be longer; where T is one chunk, that pass is a PREFILL, else every chunk EXTENDs the
-    cache); logits are computed only at each row's last prompt token."""
+def fill_cache(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
+               backend: Backend, cfg: ModelConfig, chunk: int) -> tuple[KVCache, jax.Array]:
+    """Prompts tokens [B, T] (right-padded) written into an empty `cache` C tokens at a time, for as many chunks
+    as the longest prompt needs (where T is one chunk that pass is a PREFILL, else every chunk EXTENDs the
+    cache) -> the cache and the logits [B, V] at each row's last prompt token (computed there only)."""
     batch, length = tokens.shape
-    cache = KVCache.create(cfg, backend, batch, slots, chunk=chunk)
     mode = Mode.PREFILL if length == chunk else Mode.EXTEND
 
     def body(i, carry):
@@ -107,7 +104,17 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengt
 
     last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     n_chunks = jnp.minimum((jnp.max(lengths) + chunk - 1) // chunk, length // chunk)
-    cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
+    return jax.lax.fori_loop(0, n_chunks, body, (cache, last))
+
+
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, limit: jax.Array,
+             eos: jax.Array, key: jax.Array, sampler: Sampler, *, backend: Backend, cfg: ModelConfig, chunk: int,
+             slots: int, n_out: int) -> DecodeState:
+    """Prompts tokens [B, T] (right-padded; rows of length 0 are batch padding) -> the state after the
+    first new token (`fill_cache`, then a sample)."""
+    batch = tokens.shape[0]
+    cache, last = fill_cache(graphdef, params, tokens, lengths, KVCache.create(cfg, backend, batch, slots, chunk=chunk),
+                             backend=backend, cfg=cfg, chunk=chunk)
     padding = lengths == 0
     first = jnp.where(padding, -1, sample(jax.random.fold_in(key, 0), last, sampler))
     return DecodeState(
@@ -250,17 +257,17 @@ def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.nd
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
     cfg = model.config
     check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    chunk = _chunk(chunk, cfg, 1, len(ids))
+    chunk = prefill_chunk(chunk, cfg, 1, len(ids))
     tokens = np.zeros((1, _round_up(len(ids), chunk)), np.int32)
     tokens[0, : len(ids)] = ids
     with model.context():
         logprobs = programs(model.backend).token_logprobs(
-            model.graphdef, model.params, *_replicated(model, (tokens, np.int32([len(ids)]))),
+            model.graphdef, model.params, *replicated(model, (tokens, np.int32([len(ids)]))),
             backend=model.backend, cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
     return fetch(logprobs)[0, : len(ids) - 1]
 
 
-def _chunk(chunk: int | None, cfg: ModelConfig, rows: int, longest: int) -> int:
+def prefill_chunk(chunk: int | None, cfg: ModelConfig, rows: int, longest: int) -> int:
     """The prefill chunk for `rows` prompts a device: `chunk` (at least 1) or `default_chunk`, at most the
     bucketed longest prompt."""
     if chunk is not None and chunk < 1:
@@ -276,7 +283,7 @@ def cache_slots(cfg: ModelConfig, needed: int) -> int:
     return _round_up(slots, MIN_KEY_BLOCK) if slots >= 2 * MIN_KEY_BLOCK else slots
 
 
-def _replicated(model: Mixtral, tree):
+def replicated(model: Mixtral, tree):
     """Host values placed whole on every device of the model's mesh; with several processes, each passes
     the same values and holds its own devices' copies."""
     if model.mesh is None:
@@ -306,13 +313,13 @@ class _Run:
         lengths = [len(p) for p in prompts]
         mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
         rows = _round_up(_pow2(len(prompts)), mesh_batch)
-        chunk = _chunk(chunk, cfg, rows // mesh_batch, max(lengths))
+        chunk = prefill_chunk(chunk, cfg, rows // mesh_batch, max(lengths))
         tokens = np.zeros((rows, bucket(max(lengths), chunk)), np.int32)
         lens = np.zeros(tokens.shape[0], np.int32)
         for i, prompt in enumerate(prompts):
             tokens[i, : lengths[i]], lens[i] = prompt, lengths[i]
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_id
-        self.args = _replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
+        self.args = replicated(model, (tokens, lens, np.int32(max_new_tokens), np.int32(eos if stop_at_eos else -1),
                                         jax.random.key(seed), sampler))
         self.static = dict(cfg=cfg, chunk=chunk, slots=cache_slots(cfg, max(lengths) + max_new_tokens),
                            n_out=bucket(max_new_tokens))
@@ -329,7 +336,7 @@ class _Run:
         """Advance to step `stop` (or until every row is done)."""
         model = self.model
         with model.context():
-            stop = _replicated(model, np.int32(stop))
+            stop = replicated(model, np.int32(stop))
             self.state = programs(model.backend).decode(model.graphdef, model.params, self.state, stop,
                                                         self.args[-1], backend=model.backend)
         return self.state

@@ -78,3 +78,33 @@ def sample(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampler), axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class RowSettings:
+    """Sampling settings per row, all traced, so that rows with different settings share one program."""
+
+    temperature: jax.Array  # [B] float32; 0 means greedy
+    top_k: jax.Array  # [B] int32; 0 keeps every token
+    top_p: jax.Array  # [B] float32 in (0, 1]
+
+
+def sample_rows(keys: jax.Array, logits: jax.Array, settings: RowSettings, n_valid: int | None = None) -> jax.Array:
+    """Logits [B, V] -> token ids [B] int32, each row drawn with its own key [B] and settings: the argmax where
+    its temperature is 0, else a draw after temperature, top-k and then top-p (as `filter_logits`)."""
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    if n_valid is not None:
+        logits = jnp.where(jnp.arange(vocab) < n_valid, logits, NEG_INF)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(settings.temperature, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1, stable=True)  # [B, V], ties to the lower id
+    values = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(settings.top_k > 0, settings.top_k, vocab)[:, None]
+    values = jnp.where(rank < k, values, NEG_INF)
+    probs = jax.nn.softmax(values, axis=-1)
+    values = jnp.where(jnp.cumsum(probs, axis=-1) - probs < settings.top_p[:, None], values, NEG_INF)
+    drawn = jax.vmap(jax.random.categorical)(keys, values)  # [B] indices into `order`
+    drawn = jnp.take_along_axis(order, drawn[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(settings.temperature > 0, drawn, greedy)

@@ -21,6 +21,11 @@ from mixtral_jax.errors import ChatFormatError, CheckpointError, MixtralError
 
 _ROLES = ("system", "user", "assistant")
 _JOIN = "\n\n"  # mistral-common joins merged messages and system prompts with this
+# Mistral's safe-mode system prompt (mistral-inference's `--safe_prompt`; `chat --safe`, `safe_prompt: true`)
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
+    "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
+)
 
 
 def default_tokenizer_path() -> pathlib.Path:

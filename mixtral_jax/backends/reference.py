@@ -149,6 +149,18 @@ class Backend:
         """A layer's cache with new keys and values k, v [B, T, K, H] at slots [B, T] (out of range: dropped)."""
         return LayerCache(_scatter(kv.k, k, slots, self.kv_layout.k), _scatter(kv.v, v, slots, self.kv_layout.v))
 
+    def insert_rows(self, kv: LayerCache, rows: LayerCache, at: jax.Array) -> LayerCache:
+        """`kv` with the batch rows of `rows` (a cache of as many slots and fewer rows) written from row `at`."""
+
+        def put(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+            def one(big: jax.Array, small: jax.Array) -> jax.Array:
+                axis = spec.index("B") + big.ndim - len(spec)  # past a stacked layer axis
+                return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), at, axis)
+            return one
+
+        return LayerCache(jax.tree.map(put(self.kv_layout.k), kv.k, rows.k),
+                          jax.tree.map(put(self.kv_layout.v), kv.v, rows.v))
+
     def self_attention(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                        window: int | None) -> jax.Array:
         """Tokens attending to each other and to nothing else (training, scoring): q [B, T', N, H] at q_pos

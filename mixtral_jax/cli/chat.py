@@ -7,13 +7,9 @@ import sys
 
 from mixtral_jax.cli import _common
 from mixtral_jax.errors import MixtralError
+from mixtral_jax.tokenizer import SAFE_PROMPT
 
 HELP = "talk with an instruct model: one message per line on stdin; /reset forgets, /exit (or EOF) ends"
-# Mistral's safe-mode system prompt (mistral-inference, `--safe_prompt`).
-SAFE_PROMPT = (
-    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
-    "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

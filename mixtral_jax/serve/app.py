@@ -1,0 +1,206 @@
+"""The HTTP routes: OpenAI's completions and chat completions (streamed as server-sent events or whole),
+models, health and Prometheus metrics. Bad input is a 4xx with OpenAI's error body; the server goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mixtral_jax.errors import MixtralError
+from mixtral_jax.serve.protocol import ChatRequest, CompletionRequest, Sampling
+from mixtral_jax.serve.scheduler import Job, Scheduler
+from mixtral_jax.tokenizer import SAFE_PROMPT
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mixtral_requests", "requests by outcome", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("mixtral_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.completion_tokens = Counter("mixtral_completion_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("mixtral_time_to_first_token_seconds", "from arrival to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mixtral_inter_token_latency_seconds", "between a request's tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("mixtral_queue_depth", "requests waiting for a slot", registry=r)
+        self.busy = Gauge("mixtral_busy_slots", "slots running a request", registry=r)
+
+    def observe(self, name: str, value: float) -> None:
+        if name.startswith("outcome:"):
+            self.requests.labels(name.split(":", 1)[1]).inc(value)
+        elif name == "completion_tokens":
+            self.completion_tokens.inc(value)
+        elif name == "ttft":
+            self.ttft.observe(value)
+        elif name == "itl":
+            self.itl.observe(value)
+        elif name == "queue":
+            self.queue.set(value)
+        elif name == "busy":
+            self.busy.set(value)
+
+
+def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len: int,
+               api_key: str | None = None) -> FastAPI:
+    """The routes over a started `scheduler`."""
+    app = FastAPI(title="mixtral-jax")
+    tokenizer = scheduler.tokenizer
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        metrics.requests.labels("rejected").inc()
+        return _error(e.status, str(e), e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        metrics.requests.labels("rejected").inc()
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.middleware("http")
+    async def authorise(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "mixtral-jax", "max_model_len": max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = body.prompt if isinstance(body.prompt, list) else _encode(lambda: tokenizer.encode(body.prompt))
+        return await _respond(body, prompt, body.max_tokens, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [m.model_dump() for m in body.messages]
+        if body.safe_prompt:
+            messages = [{"role": "system", "content": SAFE_PROMPT}, *messages]
+        prompt = _encode(lambda: tokenizer.encode_chat(messages))
+        return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, chat=True)
+
+    async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, request: Request, chat: bool):
+        if body.n != 1:
+            raise ApiError(400, "n: only one choice per request is supported; send n separate requests")
+        if body.logprobs:
+            raise ApiError(400, "logprobs: not supported by this server yet")
+        if not prompt or min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
+            raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})")
+        room = max_len - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"prompt: {len(prompt)} tokens leave no room in the context of {max_len}")
+        max_tokens = room if max_tokens is None else max_tokens
+        if max_tokens > room:
+            raise ApiError(400, f"max_tokens: {len(prompt)} prompt tokens + {max_tokens} exceed the context of "
+                                f"{max_len}")
+        metrics.prompt_tokens.inc(len(prompt))
+        job = Job(prompt, max_tokens, body.temperature, body.top_k, None if body.top_p == 1 else body.top_p,
+                  body.seed if body.seed is not None else secrets.randbelow(2**32), body.stops(),
+                  asyncio.get_running_loop(), asyncio.Queue())
+        scheduler.submit(job)
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": job.tokens,  # noqa: E731
+                         "total_tokens": len(prompt) + job.tokens}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_stream(job, ident, chat, include_usage, usage, request),
+                                     media_type="text/event-stream")
+        text, reason = [], None
+        try:
+            while reason is None:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise ApiError(400, value)
+                if kind == "text":
+                    text.append(value)
+                else:
+                    reason = value
+        finally:
+            job.cancelled.set()  # a client gone mid-wait frees the slot
+        choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                   "finish_reason": reason, "logprobs": None} if chat else
+                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "usage": usage()}
+
+    async def _stream(job: Job, ident: str, chat: bool, include_usage: bool, usage, request: Request
+                      ) -> AsyncIterator[str]:
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            event = {"id": ident, "object": kind_name, "created": int(time.time()), "model": model_name,
+                     "choices": [choice]}
+            if include_usage:
+                event["usage"] = None
+            return f"data: {json.dumps(event)}\n\n"
+
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'invalid_request_error'}})}\n\n"
+                    break
+                if kind == "text":
+                    yield chunk(value, None)
+                    continue
+                yield chunk(None, value)
+                if include_usage:
+                    event = {"id": ident, "object": kind_name, "created": int(time.time()), "model": model_name,
+                             "choices": [], "usage": usage()}
+                    yield f"data: {json.dumps(event)}\n\n"
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()
+
+    return app
+
+
+def _encode(encode) -> list[int]:
+    try:
+        return encode()
+    except (MixtralError, ValueError) as e:
+        raise ApiError(400, f"messages: {e}") from e
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
