@@ -208,9 +208,10 @@ def _shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> di
 
 def _targets(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> dict[str, jax.ShapeDtypeStruct]:
     """Every checkpoint-layout leaf of `cfg` as the shape, dtype and sharding to read it into."""
-    shardings = _shardings(cfg, mesh, rules)
+    abstract = model.abstract(cfg)[1]
+    shardings = _leaves(sh.named_shardings(abstract, mesh, rules))
     return {path: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[path])
-            for path, a in _leaves(model.abstract(cfg)[1]).items()}
+            for path, a in _leaves(abstract).items()}
 
 
 def _signature(cfg: ModelConfig) -> dict[str, tuple]:

@@ -132,13 +132,6 @@ def _programs(options: tuple[tuple[str, Any], ...]) -> Programs:
     )
 
 
-class Request(NamedTuple):
-    """What one slot is running: its prompt length and limit, for the host's bookkeeping."""
-
-    prompt_len: int
-    max_new_tokens: int
-
-
 class Engine:
     """`slots` decode slots of `max_len` positions each over `model`'s mesh.
 
@@ -156,7 +149,7 @@ class Engine:
         tokenizer = model.tokenizer
         self.n_valid = None if tokenizer is None or tokenizer.vocab_size >= cfg.vocab_size else tokenizer.vocab_size
         self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_id
-        self.requests: dict[int, Request] = {}
+        self.busy: set[int] = set()  # slots running a request
         with model.context():
             self.state = self._programs.empty(backend=model.backend, cfg=cfg, slots=slots,
                                               max_len=cache_slots(cfg, self.max_len), cache_chunk=self.cache_chunk)
@@ -166,7 +159,7 @@ class Engine:
         return _programs(self.model.backend.compiler_options)
 
     def free(self) -> list[int]:
-        return [i for i in range(self.n_slots) if i not in self.requests]
+        return [i for i in range(self.n_slots) if i not in self.busy]
 
     def admit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
               top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True) -> tuple[int, int]:
@@ -190,7 +183,7 @@ class Engine:
             self.state, first = self._programs.admit(
                 model.graphdef, model.params, self.state, *args, backend=model.backend, cfg=cfg, chunk=chunk,
                 cache_chunk=self.cache_chunk, n_valid=self.n_valid)
-        self.requests[at] = Request(len(prompt), max_new_tokens)
+        self.busy.add(at)
         return at, int(fetch(first))
 
     def compile_all(self) -> int:
@@ -217,9 +210,8 @@ class Engine:
     def finished(self) -> list[int]:
         """The busy slots whose request ended (EOS or its limit); they are free from now on."""
         done = fetch(self.state.done)
-        ended = [i for i in self.requests if done[i]]
-        for i in ended:
-            del self.requests[i]
+        ended = [i for i in self.busy if done[i]]
+        self.busy.difference_update(ended)
         return ended
 
     def cancel(self, slot: int) -> None:
@@ -227,4 +219,4 @@ class Engine:
         model = self.model
         with model.context():
             self.state = self._programs.cancel(self.state, replicated(model, np.int32(slot)))
-        self.requests.pop(slot, None)
+        self.busy.discard(slot)

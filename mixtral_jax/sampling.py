@@ -73,11 +73,17 @@ def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
 
 def sample(key: jax.Array, logits: jax.Array, sampler: Sampler) -> jax.Array:
     """Logits [B, V] -> token ids [B] int32: the argmax when greedy, else a draw from `filter_logits`."""
-    if sampler.n_valid is not None:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampler.n_valid, logits, NEG_INF)
+    logits = _only_valid(logits, sampler.n_valid)
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampler), axis=-1).astype(jnp.int32)
+
+
+def _only_valid(logits: jax.Array, n_valid: int | None) -> jax.Array:
+    """Logits [B, V] with ids from `n_valid` on (none if None) never drawn."""
+    if n_valid is None:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, NEG_INF)
 
 
 @flax.struct.dataclass
@@ -93,9 +99,7 @@ def sample_rows(keys: jax.Array, logits: jax.Array, settings: RowSettings, n_val
     """Logits [B, V] -> token ids [B] int32, each row drawn with its own key [B] and settings: the argmax where
     its temperature is 0, else a draw after temperature, top-k and then top-p (as `filter_logits`)."""
     vocab = logits.shape[-1]
-    logits = logits.astype(jnp.float32)
-    if n_valid is not None:
-        logits = jnp.where(jnp.arange(vocab) < n_valid, logits, NEG_INF)
+    logits = _only_valid(logits.astype(jnp.float32), n_valid)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(settings.temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1, stable=True)  # [B, V], ties to the lower id

@@ -26,7 +26,7 @@ def _run(engine: Engine, prompts, limits, sampled=None) -> list[list[int]]:
     """Every prompt through the engine, admitted as slots free up, each request's tokens collected;
     `sampled`: the sampling settings of some requests, by index (the others greedy)."""
     got, owner, queue = [[] for _ in prompts], {}, list(range(len(prompts)))
-    while queue or engine.requests:
+    while queue or engine.busy:
         while queue and engine.free():
             i = queue.pop(0)
             slot, first = engine.admit(prompts[i], limits[i], stop_at_eos=False, **(sampled or {}).get(i, {}))

@@ -99,19 +99,19 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                                             "owned_by": "mixtral-jax", "max_model_len": max_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         prompt = body.prompt if isinstance(body.prompt, list) else _encode(lambda: tokenizer.encode(body.prompt))
-        return await _respond(body, prompt, body.max_tokens, request, chat=False)
+        return await _respond(body, prompt, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         messages = [m.model_dump() for m in body.messages]
         if body.safe_prompt:
             messages = [{"role": "system", "content": SAFE_PROMPT}, *messages]
         prompt = _encode(lambda: tokenizer.encode_chat(messages))
-        return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, chat=True)
+        return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
 
-    async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, request: Request, chat: bool):
+    async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, chat: bool):
         if body.n != 1:
             raise ApiError(400, "n: only one choice per request is supported; send n separate requests")
         if body.logprobs:
@@ -135,7 +135,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                          "total_tokens": len(prompt) + job.tokens}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(job, ident, chat, include_usage, usage, request),
+            return StreamingResponse(_stream(job, ident, chat, include_usage, usage),
                                      media_type="text/event-stream")
         text, reason = [], None
         try:
@@ -155,21 +155,21 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage()}
 
-    async def _stream(job: Job, ident: str, chat: bool, include_usage: bool, usage, request: Request
-                      ) -> AsyncIterator[str]:
+    async def _stream(job: Job, ident: str, chat: bool, include_usage: bool, usage) -> AsyncIterator[str]:
         kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list[dict], usage_now: dict | None = None) -> str:
+            body = {"id": ident, "object": kind_name, "created": int(time.time()), "model": model_name,
+                    "choices": choices}
+            if include_usage:  # null on every chunk but the last, as OpenAI sends it
+                body["usage"] = usage_now
+            return f"data: {json.dumps(body)}\n\n"
 
         def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
             if chat:
                 d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
-            event = {"id": ident, "object": kind_name, "created": int(time.time()), "model": model_name,
-                     "choices": [choice]}
-            if include_usage:
-                event["usage"] = None
-            return f"data: {json.dumps(event)}\n\n"
+                return event([{"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}])
+            return event([{"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}])
 
         try:
             if chat:
@@ -184,9 +184,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                     continue
                 yield chunk(None, value)
                 if include_usage:
-                    event = {"id": ident, "object": kind_name, "created": int(time.time()), "model": model_name,
-                             "choices": [], "usage": usage()}
-                    yield f"data: {json.dumps(event)}\n\n"
+                    yield event([], usage())
                 break
             yield "data: [DONE]\n\n"
         finally:

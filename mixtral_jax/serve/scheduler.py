@@ -70,12 +70,9 @@ class Scheduler(threading.Thread):
             try:
                 self._round()
             except Exception as e:  # the running requests fail, not the server
-                for slot, job in list(self.running.items()):
-                    self.running.pop(slot)
-                    self.engine.requests.pop(slot, None)
-                    job.finished = True
-                    self.observe("outcome:error", 1)
-                    job.send("error", f"generation failed: {e}")
+                for slot in list(self.running):
+                    self.engine.busy.discard(slot)
+                    self._fail(self.running.pop(slot), f"generation failed: {e}")
 
     def _round(self) -> None:
         """Admit what fits, then one decode round over the slots."""
@@ -90,11 +87,11 @@ class Scheduler(threading.Thread):
                 if token >= 0 and not job.finished:
                     self._take(job, int(token), now)
         for slot in self.engine.finished():
-            self._end(self.running.pop(slot), None)
+            self._freed(self.running.pop(slot))
         for slot, job in list(self.running.items()):
             if job.finished or job.cancelled.is_set():
                 self.engine.cancel(slot)
-                self._end(self.running.pop(slot), None)
+                self._freed(self.running.pop(slot))
 
     def _admit(self) -> None:
         """Waiting jobs into free slots; with nothing running, wait a moment for one."""
@@ -105,15 +102,13 @@ class Scheduler(threading.Thread):
                 return
             self.observe("queue", self.waiting.qsize())
             if job.cancelled.is_set():
-                self._end(job, None)
+                self._freed(job)
                 continue
             try:
                 slot, first = self.engine.admit(job.prompt, job.max_tokens, job.temperature, job.top_k, job.top_p,
                                                 job.seed)
             except MixtralError as e:
-                job.finished = True
-                self.observe("outcome:error", 1)
-                job.send("error", str(e))
+                self._fail(job, str(e))
                 continue
             self.running[slot] = job
             self._take(job, first, time.perf_counter())
@@ -147,13 +142,15 @@ class Scheduler(threading.Thread):
         self.observe("completion_tokens", job.tokens)
         job.send("end", reason)
 
-    def _end(self, job: Job, reason: str | None) -> None:
+    def _freed(self, job: Job) -> None:
         """A job whose slot is freed: finished already, or cancelled by its client."""
         if not job.finished:
-            job.finished = True
-            self.observe("outcome:cancelled", 1)
-            self.observe("completion_tokens", job.tokens)
-            job.send("end", reason or "cancelled")
+            self._finish(job, "cancelled")
+
+    def _fail(self, job: Job, message: str) -> None:
+        job.finished = True
+        self.observe("outcome:error", 1)
+        job.send("error", message)
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:
