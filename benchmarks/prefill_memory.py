@@ -5,7 +5,7 @@ A small Mixtral (the `tiny` preset with `max_seq_len` 32768, float32, batch 1) p
 exactly as `Mixtral.generate` lays them out. For each length it reports
 
 - XLA's memory analysis of the compiled prefill: temporaries, and arguments + outputs (weights, prompt,
-  KV cache) - with the default chunks (`generate.default_chunk`: 2048 tokens at batch 1), and for contrast
+  KV cache) - with the default chunks (`prefill.default_chunk`: 2048 tokens at batch 1), and for contrast
   in one chunk (the whole prompt at once), compiled only, never run;
 - the peak resident memory added by running the chunked prefill, in a fresh process per length (Linux
   VmHWM, reset after compilation through /proc/self/clear_refs).
@@ -27,28 +27,27 @@ NEW_TOKENS = 24
 MIB = 2**20
 
 
-def _setup(length: int):
+def _setup(length: int, one_chunk: bool = False):
+    """The model, and the prefill `generate` runs for a `length`-token prompt (`Engine.start`), lowered, with
+    its arguments."""
     import mixtral_jax
     from mixtral_jax import generate as gen
+    from mixtral_jax.prefill import bucket
 
     cfg = mixtral_jax.preset("tiny").replace(max_seq_len=32768)
     model = mixtral_jax.init_random(cfg, dtype="float32")
     prompt = [1] + [(7 * i) % 31990 + 3 for i in range(length - 1)]
-    run = gen._Run(model, [prompt], NEW_TOKENS, 0.0, None, None, 0, True, None)
-    return model, run
+    engine = gen.engine_for(model, [prompt], NEW_TOKENS, chunk=bucket(length) if one_chunk else None)
+    lowered, args = engine.lower_start([prompt], NEW_TOKENS)
+    return model, engine, lowered, args
 
 
 def compiled_bytes(length: int, one_chunk: bool = False) -> dict:
     """XLA's memory analysis of the prefill for a `length`-token prompt (compiled, not run)."""
-    from mixtral_jax import generate as gen
-
-    model, run = _setup(length)
-    static = dict(run.static, chunk=run.args[0].shape[1]) if one_chunk else run.static
-    with model.context():
-        lowered = gen.programs(model.backend).prefill.lower(model.graphdef, model.params, *run.args,
-                                                            backend=model.backend, **static)
-        m = lowered.compile().memory_analysis()
-    return {"slots": static["slots"], "chunk": static["chunk"], "temp": m.temp_size_in_bytes,
+    _, engine, lowered, args = _setup(length, one_chunk)
+    m = lowered.compile().memory_analysis()
+    return {"slots": engine.cache_len, "chunk": args[0].shape[1] if one_chunk else engine.chunk,
+            "temp": m.temp_size_in_bytes,
             "args_outputs": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes}
 
 
@@ -56,17 +55,14 @@ def measured_rss(length: int) -> dict:
     """Run the chunked prefill once compiled; the peak RSS it adds and its time (this process)."""
     import jax
 
-    from mixtral_jax import generate as gen
-
-    model, run = _setup(length)
+    model, _, lowered, args = _setup(length)
     with model.context():
-        compiled = gen.programs(model.backend).prefill.lower(model.graphdef, model.params, *run.args,
-                                                             backend=model.backend, **run.static).compile()
+        compiled = lowered.compile()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark VmHWM to the current RSS
         before = _status_kib("VmRSS")
         start = time.perf_counter()
-        jax.block_until_ready(compiled(model.params, *run.args).cache)
+        jax.block_until_ready(compiled(model.params, *args)[0].cache)
         seconds = time.perf_counter() - start
     return {"rss_added": (_status_kib("VmHWM") - before) * 1024, "seconds": seconds}
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import backends, generate, loading, model, quant
+from mixtral_jax import backends, generate, loading, model, prefill, quant
 from mixtral_jax import config as config_lib
 from mixtral_jax import sharding as sh
 from mixtral_jax.backends import Backend
@@ -138,7 +138,7 @@ class Mixtral:
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """log p(ids[t + 1] | ids[:t + 1]) for each next token, float32 [len(ids) - 1]."""
-        return generate.score(self, ids)
+        return prefill.score(self, ids)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

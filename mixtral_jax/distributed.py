@@ -8,6 +8,7 @@ unless asked (`--print-all-processes`); errors still go to every process's stder
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -120,3 +121,16 @@ def fetch(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def broadcast_json(value=None):
+    """Process 0's `value` (anything JSON can hold; the other processes pass None) on every process. The
+    bytes travel padded to a power of two, so a long-running loop compiles a handful of shapes."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    data = json.dumps(value).encode() if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buffer = np.zeros(1 << max(size - 1, 0).bit_length(), np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size]))

@@ -1,17 +1,20 @@
-"""Decode slots that requests share: each prompt is prefilled into a free slot and joins the running batch,
-which decodes a few steps per host round trip; a slot is free again once its request ends (EOS, its token
-limit, or a cancel).
+"""Decode slots: prompts are prefilled into slots, and every slot decodes together, a few steps per host
+round trip, until its request ends (EOS, its token limit, or a cancel). `generate` fills all slots at once
+and decodes them to the end; the server admits each request into a free slot as one frees up, its prompt
+prefilled a chunk at a time between decode rounds.
 
-Legend: B slots, S cache positions, T padded prompt length, C prefill chunk, V vocab, n steps per round.
+Legend: B slots, S cache positions, T padded prompt length, C prefill chunk, V vocab, n steps per round,
+K top log-probabilities reported per token.
 
-Every slot has its own position, token limit, sampling settings and PRNG key (its i-th token is drawn with
-`fold_in(key(seed), i)`), so what a request produces does not depend on what else is running. The programs
-take the slot count, the cache length, the prompt bucket and the chunk as static values: a server that
-compiles them for its buckets at start-up never compiles again.
+Every slot has its own position, token limit, sampling settings and PRNG key (its i-th new token is drawn
+with `fold_in(key, i)`), so what a request produces does not depend on what else is running. The programs
+take the slot count, the cache length, the chunk and the steps per round as static values: a server that
+compiles them for its prompt buckets at start-up never compiles again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -23,24 +26,38 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax.backends import Backend
+from mixtral_jax.backends.reference import insert_rows
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.distributed import fetch
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.generate import (
+from mixtral_jax.layers import Mode
+from mixtral_jax.prefill import (
+    MIN_BUCKET,
     bucket,
     cache_slots,
     check_prompts,
+    chunk_mode,
     default_chunk,
     fill_cache,
-    prefill_chunk,
+    fill_chunk,
+    pow2,
     replicated,
 )
-from mixtral_jax.layers import Mode
-from mixtral_jax.sampling import RowSettings, check_settings, sample_rows
+from mixtral_jax.sampling import RowSettings, row_settings, sample_rows, top_logprobs
 
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
+
+
+# Short prompts waiting for slots are prefilled GROUP at a time, each padded to `group_len` tokens: a batched
+# prefill multiplies each expert's rows, and powers of two keep the programs to compile few.
+GROUP = 4
+
+
+def group_len(n: int) -> int:
+    """The padded length of an `n`-token prompt prefilled in a group: a power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, pow2(n))
 
 
 @flax.struct.dataclass
@@ -56,55 +73,136 @@ class Slots:
     done: jax.Array  # [B] bool; a free slot is done
     keys: jax.Array  # [B] PRNG keys
     settings: RowSettings
+    logprobs: jax.Array  # [B] bool, the request wants log-probabilities
 
 
-def _empty(*, backend: Backend, cfg: ModelConfig, slots: int, max_len: int, cache_chunk: int) -> Slots:
+class Tokens(NamedTuple):
+    """New tokens [..., B] (-1 where a slot produced none) and, where asked for, the model's log-probabilities:
+    of each token [..., B], and the K likeliest ids [..., B, K] with theirs."""
+
+    ids: jax.Array | np.ndarray
+    logprob: jax.Array | np.ndarray | None = None
+    top_ids: jax.Array | np.ndarray | None = None
+    top_logprob: jax.Array | np.ndarray | None = None
+
+
+def _tokens(logits: jax.Array, ids: jax.Array, n_logprobs: int, n_valid: int | None,
+            wanted: jax.Array | None = None) -> Tokens:
+    """`ids` [B] drawn from `logits` [B, V], with their log-probabilities when `n_logprobs` > 0: computed only
+    where some row is `wanted` [B] (zeros otherwise), or always without it."""
+    if not n_logprobs:
+        return Tokens(ids)
+    if wanted is None:
+        return Tokens(ids, *top_logprobs(logits, ids, n_logprobs, n_valid))
+    rows = ids.shape[0]
+
+    def nothing(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n_logprobs), jnp.int32),
+                jnp.zeros((rows, n_logprobs), jnp.float32))
+
+    return Tokens(ids, *jax.lax.cond(jnp.any(wanted), lambda x: top_logprobs(x, ids, n_logprobs, n_valid), nothing,
+                                     logits))
+
+
+def _first(state: Slots, rows: jax.Array, last: jax.Array, *, n_valid: int | None,
+           n_logprobs: int) -> tuple[Slots, Tokens]:
+    """Slots `rows` [R] whose prompts end with logits `last` [R, V]: their first new token drawn (key i=0)."""
+    first = sample_rows(jax.vmap(jax.random.fold_in)(state.keys[rows], jnp.zeros_like(rows)), last,
+                        jax.tree.map(lambda field: field[rows], state.settings), n_valid)
+    state = state.replace(tokens=state.tokens.at[rows].set(first), generated=state.generated.at[rows].set(1),
+                          done=state.done.at[rows].set((first == state.eos[rows]) | (state.limit[rows] <= 1)))
+    return state, _tokens(last, first, n_logprobs, n_valid)
+
+
+def _empty(*, backend: Backend, cfg: ModelConfig, slots: int, max_len: int, chunk: int) -> Slots:
     zeros = jnp.zeros((slots,), jnp.int32)
     return Slots(
-        cache=KVCache.create(cfg, backend, slots, max_len, chunk=cache_chunk), tokens=zeros, positions=zeros,
+        cache=KVCache.create(cfg, backend, slots, max_len, chunk=chunk), tokens=zeros, positions=zeros,
         generated=zeros, limit=zeros, eos=zeros - 1, done=jnp.ones((slots,), bool),
         keys=jax.random.split(jax.random.key(0), slots),
-        settings=RowSettings(jnp.zeros((slots,), jnp.float32), zeros, jnp.ones((slots,), jnp.float32)))
+        settings=RowSettings(jnp.zeros((slots,), jnp.float32), zeros, jnp.ones((slots,), jnp.float32)),
+        logprobs=jnp.zeros((slots,), bool))
 
 
-def _admit(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, tokens: jax.Array, length: jax.Array,
-           at: jax.Array, limit: jax.Array, eos: jax.Array, key: jax.Array, settings: RowSettings, *,
-           backend: Backend, cfg: ModelConfig, chunk: int, cache_chunk: int,
-           n_valid: int | None) -> tuple[Slots, jax.Array]:
-    """The prompt tokens [1, T] (right-padded to `length`) prefilled into slot `at`, and its first new token."""
-    row = KVCache.create(cfg, backend, 1, state.cache.slots, chunk=cache_chunk)
-    row, last = fill_cache(graphdef, params, tokens, length, row, backend=backend, cfg=cfg, chunk=chunk)
-    first = sample_rows(jax.random.fold_in(key, 0)[None], last, settings, n_valid)[0]
-    cache = KVCache(kv=backend.insert_rows(state.cache.kv, row.kv, at),
-                    pos=jax.lax.dynamic_update_slice_in_dim(state.cache.pos, row.pos, at, 0))
+def _start(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, limit: jax.Array,
+           eos: jax.Array, seed: jax.Array, settings: RowSettings, *, backend: Backend, cfg: ModelConfig, chunk: int,
+           max_len: int, n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
+    """Every slot's prompt, tokens [B, T] (right-padded; a row of length 0 is an empty slot), prefilled together
+    -> the slots and their first tokens [B]; row r samples with `fold_in(key(seed), r)`."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(tokens.shape[0]))
+    cache = KVCache.create(cfg, backend, tokens.shape[0], max_len, chunk=chunk)
+    cache, last = fill_cache(graphdef, params, tokens, lengths, cache, backend=backend, cfg=cfg, chunk=chunk)
+    empty = lengths == 0
+    state = Slots(cache=cache, tokens=jnp.zeros_like(lengths), positions=lengths, generated=jnp.zeros_like(lengths),
+                  limit=limit, eos=eos, done=empty, keys=keys, settings=settings, logprobs=jnp.zeros_like(empty))
+    state, first = _first(state, jnp.arange(tokens.shape[0]), last, n_valid=n_valid, n_logprobs=n_logprobs)
+    state = state.replace(done=state.done | empty)
+    return state, first._replace(ids=jnp.where(empty, -1, first.ids))
+
+
+def _new_row(*, backend: Backend, cfg: ModelConfig, max_len: int, chunk: int) -> tuple[KVCache, jax.Array]:
+    """An empty one-row cache and its last-token logits [1, V], for a prompt prefilled chunk by chunk
+    (`prefill.fill_chunk`)."""
+    return KVCache.create(cfg, backend, 1, max_len, chunk=chunk), jnp.zeros((1, cfg.vocab_size), jnp.float32)
+
+
+def _insert(state: Slots, rows: KVCache, last: jax.Array, at: jax.Array, length: jax.Array, limit: jax.Array,
+            eos: jax.Array, seed: jax.Array, settings: RowSettings, logprobs: jax.Array, *, backend: Backend,
+            n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
+    """Prefilled prompts' rows [R] into slots `at` [R], which start decoding -> their first tokens [R]; each
+    samples with `fold_in(key(seed), 0)`, as row 0 of `_start`."""
+    key = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seed)
+    cache = KVCache(kv=backend.insert_rows(state.cache.kv, rows.kv, at), pos=insert_rows(state.cache.pos, rows.pos, at))
 
     def put(field: jax.Array, value: jax.Array) -> jax.Array:
         return field.at[at].set(value)
 
     state = state.replace(
-        cache=cache, tokens=put(state.tokens, first), positions=put(state.positions, length[0]),
-        generated=put(state.generated, 1), limit=put(state.limit, limit), eos=put(state.eos, eos),
-        done=put(state.done, (first == eos) | (limit <= 1)), keys=put(state.keys, key),
-        settings=jax.tree.map(lambda field, value: field.at[at].set(value[0]), state.settings, settings))
-    return state, first
+        cache=cache, positions=put(state.positions, length), limit=put(state.limit, limit), eos=put(state.eos, eos),
+        keys=put(state.keys, key), logprobs=put(state.logprobs, logprobs),
+        settings=jax.tree.map(put, state.settings, settings))
+    return _first(state, at, last, n_valid=n_valid, n_logprobs=n_logprobs)
+
+
+def _admit_rows(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, tokens: jax.Array, lengths: jax.Array,
+                at: jax.Array, limit: jax.Array, eos: jax.Array, seed: jax.Array, settings: RowSettings,
+                logprobs: jax.Array, *, backend: Backend, cfg: ModelConfig, cache_chunk: int, n_valid: int | None,
+                n_logprobs: int) -> tuple[Slots, Tokens]:
+    """Prompts tokens [R, T] that fit one chunk prefilled together into slots `at` [R] -> their first tokens."""
+    rows = KVCache.create(cfg, backend, tokens.shape[0], state.cache.slots, chunk=cache_chunk)
+    rows, last = fill_cache(graphdef, params, tokens, lengths, rows, backend=backend, cfg=cfg, chunk=tokens.shape[1])
+    return _insert(state, rows, last, at, lengths, limit, eos, seed, settings, logprobs, backend=backend,
+                   n_valid=n_valid, n_logprobs=n_logprobs)
 
 
 def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, *, backend: Backend, n: int,
-            n_valid: int | None) -> tuple[Slots, jax.Array]:
-    """`n` decode steps over every slot -> the state and the new tokens [n, B] (-1 where a slot is done)."""
+            n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
+    """Up to `n` decode steps over every slot, fewer once all are done -> the state and the new tokens [n, B]."""
+    slots = state.tokens.shape[0]
+    blank = _tokens(jnp.zeros((slots, 1 + n_logprobs), jnp.float32), jnp.full((slots,), -1, jnp.int32), n_logprobs,
+                    None)
+    out = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), blank)
 
-    def step(s: Slots, _) -> tuple[Slots, jax.Array]:
+    def running(carry: tuple[jax.Array, Slots, Tokens]) -> jax.Array:
+        i, s, _ = carry
+        return (i < n) & ~jnp.all(s.done)
+
+    def step(carry: tuple[jax.Array, Slots, Tokens]) -> tuple[jax.Array, Slots, Tokens]:
+        i, s, out = carry
         positions = jnp.where(s.done, -1, s.positions)  # done slots write nothing to the cache
-        out = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], Mode.DECODE, backend, s.cache)
+        result = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], Mode.DECODE, backend, s.cache)
+        logits = result.logits[:, 0]
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.generated)
-        new = jnp.where(s.done, -1, sample_rows(keys, out.logits[:, 0], s.settings, n_valid))
+        new = jnp.where(s.done, -1, sample_rows(keys, logits, s.settings, n_valid))
         running = ~s.done
         generated = s.generated + running
-        return s.replace(
-            cache=out.cache, tokens=jnp.where(running, new, s.tokens), positions=s.positions + running,
-            generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit)), new
+        s = s.replace(cache=result.cache, tokens=jnp.where(running, new, s.tokens), positions=s.positions + running,
+                      generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit))
+        emitted = _tokens(logits, new, n_logprobs, n_valid, s.logprobs & running)
+        return i + 1, s, jax.tree.map(lambda buf, x: buf.at[i].set(x), out, emitted)
 
-    return jax.lax.scan(step, state, None, length=n)
+    _, state, out = jax.lax.while_loop(running, step, (jnp.int32(0), state, out))
+    return state, out
 
 
 def _cancel(state: Slots, at: jax.Array) -> Slots:
@@ -112,111 +210,290 @@ def _cancel(state: Slots, at: jax.Array) -> Slots:
 
 
 class Programs(NamedTuple):
+    """The compiled entry points for one backend's compiler options."""
+
     empty: Callable[..., Slots]
-    admit: Callable[..., tuple[Slots, jax.Array]]
-    decode: Callable[..., tuple[Slots, jax.Array]]
+    start: Callable[..., tuple[Slots, Tokens]]
+    new_row: Callable[..., tuple[KVCache, jax.Array]]
+    fill_row: Callable[..., tuple[KVCache, jax.Array]]
+    insert: Callable[..., tuple[Slots, Tokens]]
+    admit_rows: Callable[..., tuple[Slots, Tokens]]
+    decode: Callable[..., tuple[Slots, Tokens]]
     cancel: Callable[..., Slots]
 
 
 @functools.cache
 def _programs(options: tuple[tuple[str, Any], ...]) -> Programs:
     options = dict(options) or None
+    model = ("graphdef", "backend")
     return Programs(
-        empty=jax.jit(_empty, static_argnames=("backend", "cfg", "slots", "max_len", "cache_chunk"),
+        empty=jax.jit(_empty, static_argnames=("backend", "cfg", "slots", "max_len", "chunk"),
                       compiler_options=options),
-        admit=jax.jit(_admit, static_argnames=("graphdef", "backend", "cfg", "chunk", "cache_chunk", "n_valid"),
-                      donate_argnames="state", compiler_options=options),
-        decode=jax.jit(_decode, static_argnames=("graphdef", "backend", "n", "n_valid"), donate_argnames="state",
+        start=jax.jit(_start, static_argnames=(*model, "cfg", "chunk", "max_len", "n_valid", "n_logprobs"),
+                      compiler_options=options),
+        new_row=jax.jit(_new_row, static_argnames=("backend", "cfg", "max_len", "chunk"), compiler_options=options),
+        fill_row=jax.jit(fill_chunk, static_argnames=(*model, "mode"), donate_argnames=("cache", "last"),
+                         compiler_options=options),
+        insert=jax.jit(_insert, static_argnames=("backend", "n_valid", "n_logprobs"), donate_argnames="state",
+                       compiler_options=options),
+        admit_rows=jax.jit(_admit_rows, static_argnames=(*model, "cfg", "cache_chunk", "n_valid", "n_logprobs"),
+                           donate_argnames="state", compiler_options=options),
+        decode=jax.jit(_decode, static_argnames=(*model, "n", "n_valid", "n_logprobs"), donate_argnames="state",
                        compiler_options=options),
         cancel=jax.jit(_cancel, donate_argnames="state"),
     )
 
 
+def programs(backend: Backend) -> Programs:
+    """The engine's programs jitted with `backend`'s compiler options (one set per options)."""
+    return _programs(backend.compiler_options)
+
+
+@dataclasses.dataclass
+class _Admission:
+    """A prompt being prefilled into its slot a chunk at a time."""
+
+    slot: int
+    prompt: np.ndarray  # [n] int32
+    chunk: int  # its prefill chunk: the prompt's bucket, at most the engine's chunk
+    request: tuple  # limit, eos, seed, settings, logprobs [1]: as `_insert` takes them, one row
+    row: Any = None  # (row cache, last logits) once its first chunk ran
+    done_chunks: int = 0
+
+    def padded(self, length: int) -> np.ndarray:
+        """The prompt right-padded to `length` tokens [1, length]."""
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, : self.prompt.size] = self.prompt
+        return tokens
+
+
 class Engine:
-    """`slots` decode slots of `max_len` positions each over `model`'s mesh.
+    """`slots` decode slots of `max_len` tokens each (prompt and completion) over `model`'s mesh.
 
-    `admit` prefills a prompt into a free slot and returns its slot and first token; `step` runs `steps`
-    decode steps over every slot and returns the new tokens [steps, slots] (-1 where a slot produced none);
-    `finished` says which slots ended (EOS or limit) and frees them; `cancel` ends a slot at once."""
+    `admit` queues a prompt for a free slot and `prefill` advances the queued prompts by about one chunk of
+    tokens, returning the first token of each that completes; `step` runs up to `steps` decode steps over
+    every slot; `finished` says which slots ended (EOS or limit) and frees them; `cancel` ends a slot at once.
+    `start` fills every slot at once (one batched prefill: `generate`). With `logprobs` K > 0 every token
+    comes with its log-probability and the K likeliest alternatives."""
 
-    def __init__(self, model: Mixtral, slots: int = 8, max_len: int | None = None, steps: int = 4):
+    def __init__(self, model: Mixtral, slots: int = 8, max_len: int | None = None, steps: int = 4,
+                 chunk: int | None = None, logprobs: int = 0):
         cfg = model.config
         if slots < 1 or steps < 1:
             raise MixtralError(f"slots and steps must be >= 1, got {slots} and {steps}")
-        self.model, self.steps, self.n_slots = model, steps, slots
+        if chunk is not None and chunk < 1:
+            raise MixtralError(f"chunk must be >= 1, got {chunk}")
+        if not 0 <= logprobs <= cfg.vocab_size:
+            raise MixtralError(f"logprobs must be in [0, {cfg.vocab_size}], got {logprobs}")
+        self.model, self.steps, self.n_slots, self.n_logprobs = model, steps, slots, logprobs
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        self.cache_chunk = default_chunk(cfg, 1)
+        self.chunk = chunk or default_chunk(cfg, 1)  # prompts are admitted one by one (or a group of short ones)
         tokenizer = model.tokenizer
         self.n_valid = None if tokenizer is None or tokenizer.vocab_size >= cfg.vocab_size else tokenizer.vocab_size
         self.eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_id
-        self.busy: set[int] = set()  # slots running a request
-        with model.context():
-            self.state = self._programs.empty(backend=model.backend, cfg=cfg, slots=slots,
-                                              max_len=cache_slots(cfg, self.max_len), cache_chunk=self.cache_chunk)
+        self.group = min(GROUP, slots)  # short prompts prefilled together
+        self.busy: set[int] = set()  # slots holding a request, prefilling or decoding
+        self.pending: list[_Admission] = []  # prompts being prefilled, oldest first
+        self.state: Slots | None = None
 
     @property
     def _programs(self) -> Programs:
-        return _programs(self.model.backend.compiler_options)
+        return programs(self.model.backend)
+
+    @property
+    def cache_len(self) -> int:
+        """Cache positions per slot: `max_len` bucketed (`prefill.cache_slots`)."""
+        return cache_slots(self.model.config, self.max_len)
+
+    def _static(self) -> dict:
+        return dict(n_valid=self.n_valid, n_logprobs=self.n_logprobs)
 
     def free(self) -> list[int]:
         return [i for i in range(self.n_slots) if i not in self.busy]
 
-    def admit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-              top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True) -> tuple[int, int]:
-        """Prefill `prompt` into a free slot -> (slot, first new token)."""
+    def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+              stop_at_eos: bool = True) -> Tokens:
+        """Every prompt (at most one per slot) prefilled into slots 0, 1, ... together; row i samples with
+        `fold_in(key(seed), i)` -> the first tokens [slots] (-1 for the slots left empty)."""
+        args, static = self._start_args(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+        model = self.model
+        with model.context():
+            self.state, first = self._programs.start(model.graphdef, model.params, *args, **static)
+        self.busy.update(range(len(prompts)))
+        return jax.tree.map(fetch, first)
+
+    def lower_start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[jax.stages.Lowered, tuple]:
+        """The program `start` runs for `prompts` (greedy), lowered, and its arguments: `.compile()(params,
+        *args)` runs it."""
+        args, static = self._start_args(prompts, max_new_tokens, 0.0, None, None, 0, True)
+        with self.model.context():
+            return self._programs.start.lower(self.model.graphdef, self.model.params, *args, **static), args
+
+    def _start_args(self, prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                    stop_at_eos) -> tuple[tuple, dict]:
         model, cfg = self.model, self.model.config
+        check_prompts(prompts, cfg.vocab_size, self.max_len, max_new_tokens)
+        if len(prompts) > self.n_slots or self.busy:
+            raise MixtralError(f"start needs {len(prompts)} idle slots of {self.n_slots}")
+        if max_new_tokens < 1:
+            raise MixtralError("max_new_tokens must be >= 1 for a slot")
+        settings = row_settings(self.n_slots, temperature, top_k, top_p)
+        lengths = np.zeros(self.n_slots, np.int32)
+        lengths[: len(prompts)] = [len(p) for p in prompts]
+        chunk = min(self.chunk, bucket(int(lengths.max())))
+        tokens = np.zeros((self.n_slots, bucket(int(lengths.max()), chunk)), np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = prompt
+        args = replicated(model, (tokens, lengths, np.full(self.n_slots, max_new_tokens, np.int32),
+                                  np.full(self.n_slots, self.eos if stop_at_eos else -1, np.int32), np.uint32(seed),
+                                  settings))
+        return args, dict(backend=model.backend, cfg=cfg, chunk=chunk, max_len=self.cache_len, **self._static())
+
+    def admit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+              top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True, logprobs: bool = False) -> int:
+        """Queue `prompt` for the first free slot (it samples with `fold_in(key(seed), 0)`, as row 0 of
+        `start`; with `logprobs`, its tokens come with their log-probabilities) -> the slot; `prefill` runs
+        it."""
+        cfg = self.model.config
         check_prompts([prompt], cfg.vocab_size, self.max_len, max_new_tokens)
-        check_settings(temperature, top_k, top_p)
+        settings = row_settings(1, temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise MixtralError("max_new_tokens must be >= 1 for a slot")
         free = self.free()
         if not free:
             raise MixtralError(f"all {self.n_slots} slots are busy")
-        at = free[0]
-        chunk = prefill_chunk(None, cfg, 1, len(prompt))
-        tokens = np.zeros((1, bucket(len(prompt), chunk)), np.int32)
-        tokens[0, : len(prompt)] = prompt
-        settings = RowSettings(np.float32([temperature]), np.int32([top_k or 0]), np.float32([top_p or 1.0]))
-        args = replicated(model, (tokens, np.int32([len(prompt)]), np.int32(at), np.int32(max_new_tokens),
-                                   np.int32(self.eos if stop_at_eos else -1), jax.random.key(seed), settings))
+        request = (np.int32([max_new_tokens]), np.int32([self.eos if stop_at_eos else -1]), np.uint32([seed]),
+                   settings, np.bool_([logprobs]))
+        self.pending.append(_Admission(free[0], np.asarray(prompt, np.int32), min(self.chunk, bucket(len(prompt))),
+                                       request))
+        self.busy.add(free[0])
+        return free[0]
+
+    def prefill(self, budget: int | None = None) -> list[tuple[int, Tokens]]:
+        """Advance the queued prompts, oldest first, until `budget` tokens (default: one chunk) have been
+        prefilled -> (slot, its first token [1]) for each prompt that completed. Short prompts at the head of
+        the queue are prefilled `group` at a time (`_group`); a longer one a chunk at a time, into a one-row
+        cache that joins the slots when complete."""
+        model, budget = self.model, budget or self.chunk
+        ready = []
         with model.context():
-            self.state, first = self._programs.admit(
-                model.graphdef, model.params, self.state, *args, backend=model.backend, cfg=cfg, chunk=chunk,
-                cache_chunk=self.cache_chunk, n_valid=self.n_valid)
-        self.busy.add(at)
-        return at, int(fetch(first))
+            if self.state is None and self.pending:
+                self.state = self._programs.empty(backend=model.backend, cfg=model.config, slots=self.n_slots,
+                                                  max_len=self.cache_len, chunk=self.chunk)
+            while self.pending and budget > 0:
+                group = self._group()
+                if group:
+                    ready += self._admit_group(group)
+                    budget -= self.group * group_len(max(job.prompt.size for job in group))
+                    continue
+                job = self.pending[0]
+                if job.row is None:
+                    job.row = self._programs.new_row(backend=model.backend, cfg=model.config, max_len=self.cache_len,
+                                                     chunk=self.chunk)
+                start, padded = job.done_chunks * job.chunk, bucket(job.prompt.size, job.chunk)
+                tokens, start_at, length = replicated(model, (job.padded(padded)[:, start : start + job.chunk],
+                                                              np.int32(start), np.int32([job.prompt.size])))
+                job.row = self._programs.fill_row(model.graphdef, model.params, tokens, start_at, length, *job.row,
+                                                  backend=model.backend, mode=chunk_mode(padded, job.chunk))
+                job.done_chunks += 1
+                budget -= job.chunk
+                if start + job.chunk < job.prompt.size:
+                    continue
+                self.pending.pop(0)
+                self.state, first = self._programs.insert(
+                    self.state, *job.row, *replicated(model, (np.int32([job.slot]), np.int32([job.prompt.size]),
+                                                              *job.request)), backend=model.backend, **self._static())
+                ready.append((job.slot, jax.tree.map(fetch, first)))
+        return ready
 
-    def compile_all(self) -> int:
-        """Compile the prefill of every prompt bucket, the decode round and the cancel, by running each once in
-        a free slot (after this, requests never compile) -> the number of prompt buckets."""
-        lengths, n = [], 1
-        while n < self.max_len:
-            lengths.append(min(bucket(n), self.max_len - 1))
-            n = bucket(n) + 1
-        for n in lengths:
-            slot, _ = self.admit([0] * n, 1)
-            self.cancel(slot)
-        self.step()
-        return len(lengths)
+    def _group(self) -> list[_Admission]:
+        """The queued prompts at the head that `_admit_group` takes in one program: `group` not yet started
+        whose `group_len` times `group` fits a chunk, or none (fewer would pay for padding rows, which cost as
+        much as prefilling them alone)."""
+        group = []
+        for job in self.pending[: self.group]:
+            if job.row is not None or group_len(job.prompt.size) * self.group > self.chunk:
+                break
+            group.append(job)
+        return group if len(group) == self.group > 1 else []
 
-    def step(self) -> np.ndarray:
-        """`steps` decode steps over every slot -> the new tokens [steps, slots], -1 where none."""
+    def _admit_group(self, group: list[_Admission]) -> list[tuple[int, Tokens]]:
+        """`group`'s prompts prefilled together into their slots, each padded to the longest one's `group_len`
+        -> (slot, first token [1]) of each."""
+        model = self.model
+        length = group_len(max(job.prompt.size for job in group))
+        tokens = np.concatenate([job.padded(length) for job in group])
+        requests = jax.tree.map(lambda *parts: np.concatenate(parts), *(job.request for job in group))  # [group]
+        args = replicated(model, (tokens, np.int32([job.prompt.size for job in group]),
+                                  np.int32([job.slot for job in group]), *requests))
+        self.state, first = self._programs.admit_rows(model.graphdef, model.params, self.state, *args,
+                                                      backend=model.backend, cfg=model.config, cache_chunk=self.chunk,
+                                                      **self._static())
+        del self.pending[: len(group)]
+        first = jax.tree.map(fetch, first)
+        return [(job.slot, Tokens(*(None if x is None else x[i : i + 1] for x in first)))
+                for i, job in enumerate(group)]
+
+    def step(self, n: int | None = None) -> Tokens:
+        """Up to `n` (default `steps`) decode steps over every slot -> the new tokens [n, slots], -1 where
+        none (every slot, once all are done)."""
         model = self.model
         with model.context():
             self.state, new = self._programs.decode(model.graphdef, model.params, self.state, backend=model.backend,
-                                                    n=self.steps, n_valid=self.n_valid)
-        return fetch(new)
+                                                    n=n or self.steps, **self._static())
+        return jax.tree.map(fetch, new)
+
+    def decoding(self) -> bool:
+        """Whether some slot is decoding (busy and prefilled)."""
+        return len(self.busy) > len(self.pending)
 
     def finished(self) -> list[int]:
-        """The busy slots whose request ended (EOS or its limit); they are free from now on."""
+        """The decoding slots whose request ended (EOS or its limit); they are free from now on."""
+        if self.state is None:
+            return []
         done = fetch(self.state.done)
-        ended = [i for i in self.busy if done[i]]
+        prefilling = {job.slot for job in self.pending}
+        ended = [i for i in self.busy if done[i] and i not in prefilling]
         self.busy.difference_update(ended)
         return ended
 
     def cancel(self, slot: int) -> None:
-        """End the request in `slot` now and free it."""
-        model = self.model
-        with model.context():
-            self.state = self._programs.cancel(self.state, replicated(model, np.int32(slot)))
+        """End the request in `slot` now (or drop its queued prompt) and free it."""
+        queued = [job for job in self.pending if job.slot == slot]
+        if queued:
+            self.pending.remove(queued[0])
+        elif self.state is not None:
+            model = self.model
+            with model.context():
+                self.state = self._programs.cancel(self.state, replicated(model, np.int32(slot)))
         self.busy.discard(slot)
+
+    def reset(self) -> None:
+        """Free every slot and forget the state (after a failed program, whose donated state is gone)."""
+        self.busy.clear()
+        self.pending.clear()
+        self.state = None
+
+    def compile_all(self) -> int:
+        """Compile the prefill of every prompt bucket (alone, in a group, and the chunks of a longer prompt), the
+        decode round and the cancel, by running each once in free slots: after this, requests never compile ->
+        the number of prefill programs."""
+        lengths, n = [], 1
+        while n <= self.chunk and n < self.max_len:
+            lengths.append([min(bucket(n), self.max_len - 1)])
+            n = bucket(n) + 1
+        if self.max_len - 1 > self.chunk:
+            lengths.append([self.chunk + 1])
+        n = MIN_BUCKET
+        while self.group > 1 and n * self.group <= self.chunk and n // 2 < self.max_len - 1:
+            lengths.append([min(n, self.max_len - 1)] * self.group)
+            n *= 2
+        for group in lengths:
+            slots = [self.admit([0] * n, 1) for n in group]
+            while self.pending:
+                self.prefill()
+            for slot in slots:
+                self.cancel(slot)
+        self.step()
+        return len(lengths)

@@ -105,11 +105,11 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
     import jax
     import jax.numpy as jnp
 
-    from mixtral_jax import generate, model
+    from mixtral_jax import engine, model, prefill
     from mixtral_jax import sharding as sh
     from mixtral_jax.backends import Backend
     from mixtral_jax.config import ModelConfig, preset
-    from mixtral_jax.sampling import Sampler
+    from mixtral_jax.sampling import row_settings
 
     cfg = (ModelConfig.load(config) if config.endswith(".json") else preset(config)).with_dtype(dtype)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
@@ -126,21 +126,21 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 
     mesh_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-batch // mesh_batch) * mesh_batch
-    chunk = min(generate.default_chunk(cfg, rows // mesh_batch), max_len)
+    chunk = min(prefill.default_chunk(cfg, rows // mesh_batch), max_len)
     length = -(-max_len // chunk) * chunk
-    sampler = Sampler.create(0.0)
-    prompt = placed((jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32),
-                     jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-                     jax.eval_shape(lambda: jax.random.key(0)), jax.eval_shape(lambda: sampler)))
-    programs = generate.programs(backend)
+    rows_of = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype)  # noqa: E731
+    prompt = placed((jax.ShapeDtypeStruct((rows, length), jnp.int32), rows_of(jnp.int32), rows_of(jnp.int32),
+                     rows_of(jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32),
+                     jax.eval_shape(lambda: jax.tree.map(jnp.asarray, row_settings(rows)))))
+    programs = engine.programs(backend)
+    static = dict(n_valid=None, n_logprobs=0)
     with sh.rules_context(mesh, rules):
-        lowered = programs.prefill.lower(graphdef, params, *prompt, backend=backend, cfg=cfg, chunk=chunk,
-                                         slots=generate.cache_slots(cfg, max_len), n_out=8)
-        prefill = lowered.compile()
+        lowered = programs.start.lower(graphdef, params, *prompt, backend=backend, cfg=cfg, chunk=chunk,
+                                       max_len=prefill.cache_slots(cfg, max_len), **static)
+        prefill_program = lowered.compile()
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             lowered.out_info, prefill.output_shardings)
-        decode = programs.decode.lower(graphdef, params, state, *placed(
-            (jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: sampler))), backend=backend).compile()
+                             lowered.out_info[0], prefill_program.output_shardings[0])
+        decode = programs.decode.lower(graphdef, params, state, backend=backend, n=8, **static).compile()
 
     def per_device(tree) -> int:
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -150,7 +150,7 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
         used = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         return used, m.temp_size_in_bytes
 
-    (prefill_bytes, prefill_temp), (decode_bytes, decode_temp) = program(prefill), program(decode)
+    (prefill_bytes, prefill_temp), (decode_bytes, decode_temp) = program(prefill_program), program(decode)
     return MemoryPlan(
         config=config, mesh=dict(mesh.shape), batch=batch, max_len=max_len, dtype=dtype,
         params_bytes=per_device(params), cache_bytes=per_device(state.cache),

@@ -81,6 +81,17 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to a text (SentencePiece's word-start mark as a space, a byte piece as its
+        byte); nothing for a control token."""
+        token_id = int(token_id)
+        if self.is_control(token_id):
+            return b""
+        piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_byte(token_id):
+            return bytes([int(piece[3:-1], 16)])  # <0xNN>
+        return piece.replace("\u2581", " ").encode()
+
     def is_control(self, token_id: int) -> bool:
         """Whether `token_id` is a control token (BOS, EOS), which decodes to nothing."""
         return int(token_id) in self._control_ids

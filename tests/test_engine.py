@@ -5,7 +5,7 @@ import pytest
 
 import mixtral_jax
 from mixtral_jax.backends.cpu import CpuBackend
-from mixtral_jax.engine import Engine
+from mixtral_jax.engine import Engine, programs
 from mixtral_jax.errors import MixtralError
 
 PROMPT_LENGTHS, LIMITS = (5, 17, 40, 9), (12, 7, 20, 4)
@@ -29,22 +29,44 @@ def _run(engine: Engine, prompts, limits, sampled=None) -> list[list[int]]:
     while queue or engine.busy:
         while queue and engine.free():
             i = queue.pop(0)
-            slot, first = engine.admit(prompts[i], limits[i], stop_at_eos=False, **(sampled or {}).get(i, {}))
-            owner[slot] = i
-            got[i].append(first)
-        new = engine.step()
-        for slot, i in owner.items():
-            got[i] += [int(t) for t in new[:, slot] if t >= 0]
+            owner[engine.admit(prompts[i], limits[i], stop_at_eos=False, **(sampled or {}).get(i, {}))] = i
+        for slot, first in engine.prefill():
+            got[owner[slot]].append(int(first.ids[0]))
+        if engine.decoding():
+            new = engine.step().ids
+            for slot, i in owner.items():
+                got[i] += [int(t) for t in new[:, slot] if t >= 0]
         for slot in engine.finished():
             del owner[slot]
     return got
 
 
-@pytest.mark.parametrize("backend", ["split", "gpu"])  # the CPU's own cache layout, and the token-major one
-def test_greedy_requests_equal_generate_whatever_runs_beside_them(tiny, prompts, backend):
+# the CPU's own cache layout, prompts prefilled 16 tokens a round between decode rounds; the token-major
+# layout, short prompts prefilled together
+@pytest.mark.parametrize("backend, chunk", [("split", 16), ("gpu", None)])
+def test_greedy_requests_equal_generate_whatever_runs_beside_them(tiny, prompts, backend, chunk):
     model = tiny.with_backend(CpuBackend(split=True) if backend == "split" else backend)
     want = [model.generate([p], n, stop_at_eos=False)[0] for p, n in zip(prompts, LIMITS)]
-    assert _run(Engine(model, slots=3, max_len=128, steps=4), prompts, LIMITS) == want
+    grouped = programs(model.backend).admit_rows._cache_size()
+    assert _run(Engine(model, slots=3, max_len=128, steps=4, chunk=chunk), prompts, LIMITS) == want
+    # the first three prompts prefilled together, unless each round takes 16 tokens only
+    assert programs(model.backend).admit_rows._cache_size() == grouped + (chunk is None)
+
+
+def test_log_probabilities_are_the_models(tiny, prompts):
+    """Each token's log-probability is the model's (`score` of the prompt and the tokens before it), and the
+    likeliest alternative of a greedy token is itself."""
+    engine = Engine(tiny, slots=2, max_len=128, steps=4, logprobs=3)
+    slot = engine.admit(prompts[1], 6, stop_at_eos=False, logprobs=True)
+    (_, first), = engine.prefill()
+    rest = engine.step(8)
+    ids = np.concatenate([first.ids, rest.ids[:5, slot]])
+    logprob = np.concatenate([first.logprob, rest.logprob[:5, slot]])
+    top = np.concatenate([first.top_ids[:, 0], rest.top_ids[:5, slot, 0]])
+    assert (rest.ids[5:, slot] == -1).all() and (top == ids).all()
+    assert rest.top_logprob.shape == (8, 2, 3) and (np.diff(rest.top_logprob[:5, slot], axis=-1) <= 0).all()
+    scored = tiny.score(prompts[1] + ids.tolist())[len(prompts[1]) - 1:]
+    np.testing.assert_allclose(logprob, scored, atol=2e-5)
 
 
 def test_a_seeded_request_samples_the_same_tokens_beside_any_others(tiny, prompts):
@@ -54,17 +76,24 @@ def test_a_seeded_request_samples_the_same_tokens_beside_any_others(tiny, prompt
     assert alone[0] == busy[0]
     greedy = _run(Engine(tiny, slots=1, max_len=128, steps=3), prompts[:1], LIMITS[:1])
     assert alone[0] != greedy[0]  # it did sample
+    settings = dict(sampled[0])
+    assert tiny.generate([prompts[0]], LIMITS[0], stop_at_eos=False, **settings)[0] == alone[0]  # as generate
 
 
 def test_a_cancelled_slot_is_free_and_produces_nothing_more(tiny, prompts):
     engine = Engine(tiny, slots=2, max_len=128, steps=2)
-    a, _ = engine.admit(prompts[0], 50)
-    b, _ = engine.admit(prompts[1], 50)
+    a = engine.admit(prompts[0], 50)
+    b = engine.admit(prompts[1], 50)
     with pytest.raises(MixtralError, match="all 2 slots are busy"):
         engine.admit(prompts[2], 5)
+    while engine.pending:
+        engine.prefill()
     engine.cancel(a)
     assert engine.free() == [a]
-    new = engine.step()
+    queued = engine.admit(prompts[2], 5)
+    engine.cancel(queued)  # before its prefill
+    assert engine.free() == [a] and not engine.pending
+    new = engine.step().ids
     assert (new[:, a] == -1).all() and (new[:, b] >= 0).all()
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import MixtralForCausalLM
 
 import mixtral_jax
-from mixtral_jax import backends
+from mixtral_jax import backends, engine, prefill
 from mixtral_jax import generate as gen
 from mixtral_jax.backends.attention import key_block
 from mixtral_jax.errors import MixtralError
@@ -98,12 +98,12 @@ def test_chunked_scores_equal_full_forward_and_transformers(model, hf_mixtral, l
     ref = reference.hf_logprobs(hf_mixtral, np.asarray([ids]))[0]
     ref = ref[np.arange(len(ids) - 1), ids[1:]]
     for chunk in chunks:
-        assert np.abs(gen.score(model, ids, chunk=chunk) - ref).max() <= 2e-4
+        assert np.abs(prefill.score(model, ids, chunk=chunk) - ref).max() <= 2e-4
 
 
 def test_long_prompt_prefill_in_key_blocks_equals_transformers(model, hf_mixtral):
     prompt = np.random.default_rng(1).integers(1, model.config.vocab_size, 150).tolist()  # no pad id 0
-    assert key_block(gen.cache_slots(model.config, 150 + 8)) == 64
+    assert key_block(prefill.cache_slots(model.config, 150 + 8)) == 64
     new = gen.generate(model, [prompt], 8, stop_at_eos=False, chunk=32)[0]  # 5 chunks, 1 to 3 blocks each
     assert new == hf_greedy(hf_mixtral, (tuple(prompt),), 8)[0]
 
@@ -115,11 +115,11 @@ def test_sliding_window_decode_equals_transformers_and_a_full_forward_with_a_bou
     assert new == hf_greedy(folder, (tuple(LONG),), 16)[0]
     logits = np.asarray(model.logits([LONG + new]))[0, len(LONG) - 1 : -1]
     assert new == logits.argmax(-1).tolist()
-    run = gen._Run(model, [LONG], 200, 0.0, None, None, 0, False, 8)
-    state = gen.programs(model.backend).prefill.eval_shape(model.graphdef, model.params, *run.args,
-                                                           backend=model.backend, **run.static)
-    slots = state.cache.kv.v.shape[1 + model.backend.kv_layout.v.index("S")]
-    assert state.cache.pos.shape[1] == slots == 5 + 8 - 1  # window + chunk - 1 slots, not 213
+    engine = gen.engine_for(model, [LONG], 200, chunk=8)
+    engine.start([LONG], 200)
+    cache = engine.state.cache
+    slots = cache.kv.v.shape[1 + model.backend.kv_layout.v.index("S")]
+    assert cache.pos.shape[1] == slots == 5 + 8 - 1  # window + chunk - 1 slots, not 213
 
 
 def test_rows_stop_at_their_first_eos(model, greedy):
@@ -133,22 +133,24 @@ def test_rows_stop_at_their_first_eos(model, greedy):
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(model):
-    programs = gen.programs(model.backend)
+    programs = engine.programs(model.backend)
     model.generate([[1, 2, 3]], NEW)
-    before = (programs.prefill._cache_size(), programs.decode._cache_size())
-    for n, new in ((4, 24), (9, 23), (11, 21)):  # 16 prompt positions, 32 cache slots, 24 output slots
+    before = (programs.start._cache_size(), programs.decode._cache_size())
+    for n, new in ((4, 24), (9, 23), (11, 21)):  # 16 prompt positions, 32 cache slots, 24 decode steps
         assert len(model.generate([list(range(1, n + 1))], new, stop_at_eos=False)[0]) == new
-    assert (programs.prefill._cache_size(), programs.decode._cache_size()) == before
+    assert (programs.start._cache_size(), programs.decode._cache_size()) == before
 
 
 def test_stream_yields_generate_tokens_without_recompiling(model, greedy):
-    decode = gen.programs(model.backend).decode
+    decode = engine.programs(model.backend).decode
     single = model.generate([PROMPTS[0]], NEW, stop_at_eos=False)[0]
-    before = decode._cache_size()
-    steps = list(model.stream(PROMPTS, NEW, stop_at_eos=False))  # 6 segments of 4 steps
+    steps = list(model.stream(PROMPTS, NEW, stop_at_eos=False))  # the first token, then segments of 4 steps
     assert [list(col) for col in zip(*steps)] == greedy
     assert list(model.stream(PROMPTS[0], NEW, stop_at_eos=False)) == single == greedy[0]
-    assert decode._cache_size() == before  # the shapes generate compiled; nothing per token
+    before = decode._cache_size()
+    assert list(model.stream(PROMPTS, NEW - 3, stop_at_eos=False)) == steps[: NEW - 3]
+    assert list(model.stream(PROMPTS[0], NEW - 3, stop_at_eos=False)) == single[: NEW - 3]
+    assert decode._cache_size() == before  # one program for every segment of a batch size; nothing per token
 
 
 def test_sampling_is_reproducible_and_seeded(model):
@@ -163,16 +165,16 @@ def test_sampling_is_reproducible_and_seeded(model):
 @pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 24), (25, 32), (33, 48), (1000, 1024),
                                          (8193, 12288)])
 def test_buckets_are_two_per_octave(n, expected):
-    assert gen.bucket(n) == expected
+    assert prefill.bucket(n) == expected
 
 
 def test_prefill_chunks_and_cache_slots(model):
     cfg = model.config
-    assert [gen.default_chunk(cfg, rows) for rows in (1, 2, 8, 32)] == [2048, 1024, 256, 256]
-    assert gen.default_chunk(cfg.replace(sliding_window=5), 1) == 256  # the ring grows with the chunk
-    assert gen.cache_slots(cfg, 150) == 192 and gen.cache_slots(cfg, 40) == 48  # buckets
+    assert [prefill.default_chunk(cfg, rows) for rows in (1, 2, 8, 32)] == [2048, 1024, 256, 256]
+    assert prefill.default_chunk(cfg.replace(sliding_window=5), 1) == 256  # the ring grows with the chunk
+    assert prefill.cache_slots(cfg, 150) == 192 and prefill.cache_slots(cfg, 40) == 48  # buckets
     clipped = cfg.replace(max_seq_len=1000)
-    assert gen.cache_slots(clipped, 900) == 1024 and key_block(1024) == 256  # not 1000 slots in one pass
+    assert prefill.cache_slots(clipped, 900) == 1024 and key_block(1024) == 256  # not 1000 slots in one pass
 
 
 @pytest.mark.parametrize("prompts, new, settings, message", [
@@ -191,7 +193,7 @@ def test_bad_prompts_and_settings_are_clear_errors(model, prompts, new, settings
 
 
 @pytest.mark.parametrize("run", [lambda model: gen.generate(model, [[1, 5, 9]], 2, chunk=0),
-                                 lambda model: gen.score(model, [1, 5, 9], chunk=0)], ids=["generate", "score"])
+                                 lambda model: prefill.score(model, [1, 5, 9], chunk=0)], ids=["generate", "score"])
 def test_a_prefill_chunk_below_one_is_a_clear_error(model, run):
     with pytest.raises(MixtralError, match="chunk must be >= 1"):
         run(model)

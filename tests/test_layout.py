@@ -9,6 +9,7 @@ import pytest
 
 import mixtral_jax
 from mixtral_jax import backends, config, generate
+from mixtral_jax import engine as engine_lib
 from mixtral_jax.backends import cpu
 from mixtral_jax.layers import Mode
 
@@ -75,13 +76,7 @@ def test_bf16_programs_never_widen_a_weight(n_prompts):
     a whole embedding table read through a widening gather: no weight-shaped float32 array is left."""
     cfg = CFG.replace(vocab_size=250, dim=40, ffn_dim=72, dtype="bfloat16", param_dtype="bfloat16")
     model = mixtral_jax.init_random(cfg, seed=3, backend=SPLIT)  # weight shapes no activation has
-    run = generate._Run(model, PROMPTS[:n_prompts], 4, 0.0, None, None, 0, False, None)
-    compiled = generate.programs(model.backend)
-    state = run.prefill()
-    programs = {"prefill": compiled.prefill.lower(model.graphdef, model.params, *run.args, backend=model.backend,
-                                                  **run.static),
-                "decode": compiled.decode.lower(model.graphdef, model.params, state, np.int32(4), run.args[-1],
-                                                backend=model.backend)}
+    programs = _lowered(model, PROMPTS[:n_prompts], 4)
     d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
     shapes = [f"f32[{a},{b}]{{" for a, b in ((f, d), (d, f), (v, d), (d, v))]
     shapes.append(f"f32[{d},{cfg.n_heads},{cfg.head_dim}]{{")
@@ -91,6 +86,24 @@ def test_bf16_programs_never_widen_a_weight(n_prompts):
     # and they run (XLA:CPU's DotThunk has no bfloat16 x bfloat16 = float32 kernel for some layouts)
     stacked = model.with_backend(STACKED)
     assert model.generate(PROMPTS[:n_prompts], 4) == stacked.generate(PROMPTS[:n_prompts], 4)
+
+
+def _lowered(model, prompts, new: int) -> dict:
+    """The prefill (`Engine.start`) and decode programs `generate` runs for `prompts`, lowered."""
+    spy = {}
+
+    def record(name, program):
+        def run(*args, **kwargs):
+            spy[name] = program.lower(*args, **kwargs)
+            return program(*args, **kwargs)
+        return run
+
+    programs = engine_lib.programs(model.backend)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_lib, "programs", lambda backend: programs._replace(
+            start=record("prefill", programs.start), decode=record("decode", programs.decode)))
+        generate.generate(model, prompts, new, stop_at_eos=False)
+    return spy
 
 
 def _materialised(hlo: str, ops: bool = False) -> list:
@@ -142,11 +155,10 @@ def test_split_decode_step_copies_no_cache_buffer(dtype):
     and transposed one for a layout other than its batched matmuls take; a bfloat16 cache it widened whole
     to float32 and back for each write, so a 16-bit model's split cache is float32)."""
     model = mixtral_jax.init_random(CFG.replace(dtype=dtype, param_dtype=dtype), seed=3, backend=SPLIT)
-    run = generate._Run(model, PROMPTS[:1], 40, 0.0, None, None, 0, False, None)
-    state = run.prefill()
-    hlo = generate.programs(model.backend).decode.lower(model.graphdef, model.params, state, np.int32(40),
-                                                        run.args[-1], backend=model.backend).compile().as_text()
-    kv = state.cache.kv
+    engine = generate.engine_for(model, PROMPTS[:1], 40)
+    engine.start(PROMPTS[:1], 40)
+    hlo = _lowered(model, PROMPTS[:1], 40)["decode"].compile().as_text()
+    kv = engine.state.cache.kv
     assert kv.k[0].dtype == np.float32
     cache = {f"{t}[{','.join(map(str, buf.shape))}]{{" for buf in (kv.k[0], kv.v[0]) for t in ("f32", "bf16")}
     writes = [op for op, shape in _materialised(hlo, ops=True) if shape in cache]

@@ -98,3 +98,68 @@ def test_incomplete_or_inconsistent_multihost_flags_are_config_errors(flags, mes
 
     with pytest.raises(ConfigError, match=message):
         distributed.initialize(*flags)
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_processes_serve_from_process_0_what_one_process_generates():
+    """`serve` on expert=4,tensor=2 over two hosts: process 0 listens and hands each round's plan to process 1;
+    concurrent greedy completions equal the single-process ones; SIGTERM to process 0 ends both with 0."""
+    openai = pytest.importorskip("openai")
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from mixtral_jax import demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "mixtral_jax", "serve", "--dtype", "float32", "--port", str(port),
+                               "--max-len", "40", "--max-slots", "2", "--mesh", "expert=4,tensor=2",
+                               "--coordinator-address", coordinator, "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.time() + 400
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert all(p.poll() is None for p in procs) and time.time() < deadline, "the server did not start"
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        jobs = [("def add(a, b):", 12), ("import numpy as", 5), ("class Stack:\n    def", 9), ("x = [", 16)]
+        answers = [None] * len(jobs)
+
+        def ask(i):
+            prompt, limit = jobs[i]
+            answers[i] = client.completions.create(model="m", prompt=prompt, max_tokens=limit,
+                                                   temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]  # 4 requests, 2 slots
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        procs[0].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    model = demo.load(dtype="float32")
+    tok = model.tokenizer
+    prompts = [tok.encode(prompt) for prompt, _ in jobs]
+    rows = model.generate(prompts, max(limit for _, limit in jobs), stop_at_eos=True)
+    expected = []
+    for row, (_, limit) in zip(rows, jobs):
+        row = row[:limit]
+        expected.append(tok.decode(row[:-1] if row and row[-1] == tok.eos_id else row))
+    assert answers == expected

@@ -150,12 +150,13 @@ class Backend:
         return LayerCache(_scatter(kv.k, k, slots, self.kv_layout.k), _scatter(kv.v, v, slots, self.kv_layout.v))
 
     def insert_rows(self, kv: LayerCache, rows: LayerCache, at: jax.Array) -> LayerCache:
-        """`kv` with the batch rows of `rows` (a cache of as many slots and fewer rows) written from row `at`."""
+        """`kv` with the batch rows of `rows` (a cache of as many slots and fewer rows) written from row `at`,
+        or, where `at` is a vector [R], row r to row `at[r]`."""
 
         def put(spec: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
             def one(big: jax.Array, small: jax.Array) -> jax.Array:
                 axis = spec.index("B") + big.ndim - len(spec)  # past a stacked layer axis
-                return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), at, axis)
+                return insert_rows(big, small.astype(big.dtype), at, axis)
             return one
 
         return LayerCache(jax.tree.map(put(self.kv_layout.k), kv.k, rows.k),
@@ -257,3 +258,13 @@ def _scatter(cache: jax.Array, new: jax.Array, slots: jax.Array, spec: str) -> j
     batch = jnp.arange(new.shape[0])[:, None]
     index = tuple(batch if a == "B" else slots if a == "S" else slice(None) for a in spec)
     return cache.at[index].set(new.astype(cache.dtype), mode="drop")
+
+
+def insert_rows(big: jax.Array, small: jax.Array, at: jax.Array, axis: int = 0) -> jax.Array:
+    """`big` with the rows of `small` along `axis` written from row `at`, or, where `at` is a vector [R], row r
+    to row `at[r]`."""
+    if jnp.ndim(at) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(big, small, at, axis)
+    for r in range(small.shape[axis]):
+        big = jax.lax.dynamic_update_slice_in_dim(big, jax.lax.dynamic_slice_in_dim(small, r, 1, axis), at[r], axis)
+    return big

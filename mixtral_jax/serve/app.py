@@ -4,6 +4,7 @@ models, health and Prometheus metrics. Bad input is a 4xx with OpenAI's error bo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -15,8 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.serve.protocol import ChatRequest, CompletionRequest, Sampling
-from mixtral_jax.serve.scheduler import Job, Scheduler
+from mixtral_jax.serve import MAX_BODY_BYTES, MAX_QUEUE
+from mixtral_jax.serve.limits import Limits
+from mixtral_jax.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_body
+from mixtral_jax.serve.scheduler import Job, Scheduler, TokenLogprobs
 from mixtral_jax.tokenizer import SAFE_PROMPT
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -60,10 +63,13 @@ class Metrics:
 
 
 def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len: int,
-               api_key: str | None = None) -> FastAPI:
-    """The routes over a started `scheduler`."""
+               api_key: str | None = None, max_queue: int = MAX_QUEUE, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The routes over a started `scheduler`: at most `max_queue` generation requests wait for a slot (429
+    past them), and no request body is over `max_body_bytes` (413)."""
     app = FastAPI(title="mixtral-jax")
-    tokenizer = scheduler.tokenizer
+    app.add_middleware(Limits, max_body_bytes=max_body_bytes, capacity=scheduler.engine.n_slots + max_queue,
+                       generating=("/v1/completions", "/v1/chat/completions"), observe=metrics.observe)
+    tokenizer, max_logprobs = scheduler.tokenizer, scheduler.engine.n_logprobs
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -81,7 +87,8 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
     @app.middleware("http")
     async def authorise(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()  # bytes: any header compares
+            if not secrets.compare_digest(given, f"Bearer {api_key}".encode()):  # in a time that leaks no prefix
                 return _error(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error")
         return await call_next(request)
 
@@ -112,10 +119,14 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
         return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
 
     async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, chat: bool):
+        if getattr(body, "echo", False):
+            raise ApiError(400, "echo: returning the prompt with the completion is not supported")
         if body.n != 1:
             raise ApiError(400, "n: only one choice per request is supported; send n separate requests")
-        if body.logprobs:
-            raise ApiError(400, "logprobs: not supported by this server yet")
+        top = _logprobs_asked(body, chat)
+        if top is not None and top > max_logprobs:
+            raise ApiError(400, f"{'top_logprobs' if chat else 'logprobs'}: at most {max_logprobs} alternatives per "
+                                "token (the server's --max-logprobs)")
         if not prompt or min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
             raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})")
         room = max_len - len(prompt)
@@ -127,7 +138,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                                 f"{max_len}")
         metrics.prompt_tokens.inc(len(prompt))
         job = Job(prompt, max_tokens, body.temperature, body.top_k, None if body.top_p == 1 else body.top_p,
-                  body.seed if body.seed is not None else secrets.randbelow(2**32), body.stops(),
+                  body.seed if body.seed is not None else secrets.randbelow(2**32), body.stops(), top,
                   asyncio.get_running_loop(), asyncio.Queue())
         scheduler.submit(job)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -137,21 +148,23 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_stream(job, ident, chat, include_usage, usage),
                                      media_type="text/event-stream")
-        text, reason = [], None
+        text, tokens, reason = [], [], None
         try:
             while reason is None:
                 kind, value = await job.events.get()
                 if kind == "error":
                     raise ApiError(400, value)
                 if kind == "text":
-                    text.append(value)
+                    text.append(value[0])
+                    tokens += value[1]
                 else:
                     reason = value
         finally:
             job.cancelled.set()  # a client gone mid-wait frees the slot
+        logprobs = None if top is None else _logprobs(tokenizer, tokens, chat)
         choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                   "finish_reason": reason, "logprobs": None} if chat else
-                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None})
+                   "finish_reason": reason, "logprobs": logprobs} if chat else
+                  {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": logprobs})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage()}
 
@@ -165,11 +178,12 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                 body["usage"] = usage_now
             return f"data: {json.dumps(body)}\n\n"
 
-        def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(delta: str | None, reason: str | None, first: bool = False, tokens: list | None = None) -> str:
+            logprobs = None if job.logprobs is None or tokens is None else _logprobs(tokenizer, tokens, chat)
             if chat:
                 d = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-                return event([{"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}])
-            return event([{"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}])
+                return event([{"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs}])
+            return event([{"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": logprobs}])
 
         try:
             if chat:
@@ -180,7 +194,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                     yield f"data: {json.dumps({'error': {'message': value, 'type': 'invalid_request_error'}})}\n\n"
                     break
                 if kind == "text":
-                    yield chunk(value, None)
+                    yield chunk(value[0], None, tokens=value[1])
                     continue
                 yield chunk(None, value)
                 if include_usage:
@@ -193,6 +207,36 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
     return app
 
 
+def _logprobs_asked(body: Sampling, chat: bool) -> int | None:
+    """How many alternatives per token the request wants reported; None: no log-probabilities at all."""
+    if chat:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        top = None if body.logprobs is None or body.logprobs is False else int(body.logprobs)
+    if top is not None and top < 0:
+        raise ApiError(400, f"{'top_logprobs' if chat else 'logprobs'}: must be >= 0")
+    return top
+
+
+def _logprobs(tokenizer, tokens: list[TokenLogprobs], chat: bool) -> dict:
+    """OpenAI's `logprobs` of a choice: chat's `content` entries, or the completions' parallel lists."""
+    def text(token_id: int) -> str:
+        return tokenizer.token_bytes(token_id).decode("utf-8", "replace")
+
+    if chat:
+        def entry(token_id: int, logprob: float) -> dict:
+            return {"token": text(token_id), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token_id))}
+
+        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}
+    strings = [text(t.id) for t in tokens]
+    offsets = list(itertools.accumulate(map(len, strings), initial=0))[:-1]
+    return {"tokens": strings, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text(i): lp for i, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
 def _encode(encode) -> list[int]:
     try:
         return encode()
@@ -201,4 +245,4 @@ def _encode(encode) -> list[int]:
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+    return JSONResponse(error_body(message, kind), status_code=status)

@@ -51,3 +51,8 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     top_logprobs: int | None = None
     safe_prompt: bool = False  # Mistral's: the safe-mode system prompt first, as `chat --safe` does
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+    """OpenAI's error body, as every refusal carries it."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

@@ -15,15 +15,26 @@ import threading
 import time
 from collections.abc import Callable
 
-from mixtral_jax.engine import Engine
+from mixtral_jax.distributed import broadcast_json
+from mixtral_jax.engine import Engine, Tokens
 from mixtral_jax.errors import MixtralError
 from mixtral_jax.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclasses.dataclass
+class TokenLogprobs:
+    """A new token's log-probability and its likeliest alternatives (id, log-probability), best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class Job:
-    """One request: what to run, where its events go (`("text", str)`, then `("end", finish_reason)` or
-    `("error", message)`), and what the scheduler has made of it."""
+    """One request: what to run, where its events go (`("text", (str, tokens))`, then `("end", finish_reason)` or
+    `("error", message)`; `tokens` are the log-probabilities of the tokens that text completes, when
+    `logprobs` asks for them), and what the scheduler has made of it."""
 
     prompt: list[int]
     max_tokens: int
@@ -32,27 +43,90 @@ class Job:
     top_p: float | None
     seed: int
     stops: list[str]
+    logprobs: int | None  # alternatives per token to report; None: no log-probabilities
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     decoder: StreamDecoder | None = None
     held: str = ""  # text that may begin a stop string
+    held_tokens: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # the tokens it and `held` come from
     tokens: int = 0
     finished: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     last_token: float | None = None
 
+    def request(self) -> list:
+        """`Engine.admit`'s arguments."""
+        return [self.prompt, self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed, True,
+                self.logprobs is not None]
+
     def send(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
+@dataclasses.dataclass
+class Plan:
+    """What one round does, decided by process 0 and run by every process alike: the slots to cancel, the
+    requests to admit (`Engine.admit`'s arguments), and whether to stop instead."""
+
+    cancel: list[int]
+    admit: list[list]
+    stop: bool = False
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a round gave: the slot of each admitted request (or why it was refused), the first tokens of
+    prompts whose prefill completed, the decode round's new tokens (None if nothing was decoding), and the
+    slots whose request ended there."""
+
+    admitted: list[int | str]
+    first: list[tuple[int, Tokens]]
+    new: Tokens | None
+    ended: list[int]
+
+
+def run_round(engine: Engine, plan: Plan) -> Outcome:
+    """`plan` on `engine`: cancels, admissions, about one chunk of prefill, then one decode round. Every process
+    of a multi-host server runs the same plans in the same order, so their engines stay alike."""
+    for slot in plan.cancel:
+        engine.cancel(slot)
+    admitted = []
+    for request in plan.admit:
+        try:
+            admitted.append(engine.admit(*request))
+        except MixtralError as e:
+            admitted.append(str(e))
+    first = engine.prefill()
+    new = engine.step() if engine.decoding() else None
+    return Outcome(admitted, first, new, engine.finished())
+
+
+def broadcast(plan: Plan | None) -> Plan:
+    """Process 0's `plan` on every process of a multi-host server (the others pass None)."""
+    return Plan(**broadcast_json(None if plan is None else dataclasses.asdict(plan)))
+
+
+def follow(engine: Engine, sync: Callable[[Plan | None], Plan] = broadcast) -> None:
+    """The loop of a process other than 0: run each plan process 0 sends until it says stop; a round that
+    fails frees every slot, as it does on process 0."""
+    while not (plan := sync(None)).stop:
+        try:
+            run_round(engine, plan)
+        except Exception:
+            engine.reset()
+
+
 class Scheduler(threading.Thread):
     """Runs `engine` for the jobs `submit` hands it; `observe(name, value)` is told each token's latency
-    (`"ttft"`, `"itl"`), each job's outcome and token counts, the queue depth and the busy slots."""
+    (`"ttft"`, `"itl"`), each job's outcome and token counts, the queue depth and the busy slots. `sync`
+    hands each round's plan to the other processes of a multi-host server (and returns it)."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, observe: Callable[[str, float], None]):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, observe: Callable[[str, float], None],
+                 sync: Callable[[Plan | None], Plan] | None = None):
         super().__init__(name="mixtral-jax-scheduler", daemon=True)
         self.engine, self.tokenizer, self.observe = engine, tokenizer, observe
+        self.sync = sync or (lambda plan: plan)
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.running: dict[int, Job] = {}
         self.stopping = threading.Event()
@@ -70,71 +144,82 @@ class Scheduler(threading.Thread):
             try:
                 self._round()
             except Exception as e:  # the running requests fail, not the server
+                self.engine.reset()
                 for slot in list(self.running):
-                    self.engine.busy.discard(slot)
                     self._fail(self.running.pop(slot), f"generation failed: {e}")
+        self.sync(Plan([], [], stop=True))
 
     def _round(self) -> None:
-        """Admit what fits, then one decode round over the slots."""
-        self._admit()
-        self.observe("busy", len(self.running))
-        if not self.running:
-            return
-        new = self.engine.step()
-        now = time.perf_counter()
-        for slot, job in list(self.running.items()):
-            for token in new[:, slot]:
-                if token >= 0 and not job.finished:
-                    self._take(job, int(token), now)
-        for slot in self.engine.finished():
+        """Plan (cancel what ended or was cancelled, admit waiting jobs into the free slots), hand the plan to
+        every process, run it, and give each job its tokens."""
+        cancel = [slot for slot, job in self.running.items() if job.finished or job.cancelled.is_set()]
+        for slot in cancel:
             self._freed(self.running.pop(slot))
-        for slot, job in list(self.running.items()):
-            if job.finished or job.cancelled.is_set():
-                self.engine.cancel(slot)
-                self._freed(self.running.pop(slot))
+        jobs = self._waiting(len(self.engine.free()) + len(cancel))
+        outcome = run_round(self.engine, self.sync(Plan(cancel, [job.request() for job in jobs])))
+        for job, slot in zip(jobs, outcome.admitted):
+            if isinstance(slot, str):
+                self._fail(job, slot)
+            else:
+                self.running[slot] = job
+        self.observe("busy", len(self.running))
+        for slot, first in outcome.first:
+            self._take(self.running[slot], first, 0, time.perf_counter())
+        if outcome.new is not None:
+            new, now = outcome.new, time.perf_counter()
+            for slot, job in list(self.running.items()):
+                for step in range(new.ids.shape[0]):
+                    if new.ids[step, slot] >= 0 and not job.finished:
+                        self._take(job, Tokens(*(None if x is None else x[step] for x in new)), slot, now)
+        for slot in outcome.ended:
+            self._freed(self.running.pop(slot))
 
-    def _admit(self) -> None:
-        """Waiting jobs into free slots; with nothing running, wait a moment for one."""
-        while self.engine.free():
+    def _waiting(self, room: int) -> list[Job]:
+        """Up to `room` waiting jobs not cancelled meanwhile; with nothing running, wait a moment for one."""
+        jobs = []
+        while len(jobs) < room:
             try:
-                job = self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait()
+                job = self.waiting.get(timeout=0.05) if not (self.running or jobs) else self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             self.observe("queue", self.waiting.qsize())
             if job.cancelled.is_set():
                 self._freed(job)
-                continue
-            try:
-                slot, first = self.engine.admit(job.prompt, job.max_tokens, job.temperature, job.top_k, job.top_p,
-                                                job.seed)
-            except MixtralError as e:
-                self._fail(job, str(e))
-                continue
-            self.running[slot] = job
-            self._take(job, first, time.perf_counter())
+            else:
+                jobs.append(job)
+        return jobs
 
-    def _take(self, job: Job, token: int, now: float) -> None:
-        """One new token of `job`: its text, checked against the stop strings."""
+    def _take(self, job: Job, new: Tokens, slot: int, now: float) -> None:
+        """One new token of `job`, column `slot` of `new`: its text, checked against the stop strings."""
         self.observe("ttft" if job.last_token is None else "itl", now - (job.last_token or job.submitted))
         job.last_token = now
         job.tokens += 1
+        token = int(new.ids[slot])
         if token == self.tokenizer.eos_id:
             return self._finish(job, "stop")
+        if job.logprobs is not None:
+            top = zip(new.top_ids[slot, : job.logprobs].tolist(), new.top_logprob[slot, : job.logprobs].tolist())
+            job.held_tokens.append(TokenLogprobs(token, float(new.logprob[slot]), list(top)))
         text = job.held + job.decoder.push(token)
         if job.tokens >= job.max_tokens:
             text += job.decoder.flush()
         cut = min((i for i in (text.find(s) for s in job.stops) if i >= 0), default=-1)
         if cut >= 0:
             if cut:
-                job.send("text", text[:cut])
+                self._send(job, text[:cut])
             job.held = ""
             return self._finish(job, "stop")
         keep = 0 if job.tokens >= job.max_tokens else _stop_prefix(text, job.stops)
         job.held = text[len(text) - keep:] if keep else ""
         if len(text) > keep:
-            job.send("text", text[: len(text) - keep])
+            self._send(job, text[: len(text) - keep])
         if job.tokens >= job.max_tokens:
             self._finish(job, "length")
+
+    def _send(self, job: Job, text: str) -> None:
+        """`text` to the client, with the log-probabilities of the tokens held until now."""
+        job.send("text", (text, job.held_tokens))
+        job.held_tokens = []
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = True
