@@ -329,8 +329,10 @@ def test_ctrl_c_ends_quietly_at_any_moment(delay):
     import signal
     import time
 
+    # started with Ctrl-C's default action, as from a terminal, whatever this test process inherited or was set to
     proc = subprocess.Popen([CLI, "generate", "--prompt", README_PROMPT, "--max-new-tokens", "2000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)

@@ -292,7 +292,8 @@ def test_the_command_serves_the_demo_model_and_at_ctrl_c_or_sigterm_drains_then_
         port = s.getsockname()[1]
     cli = str(Path(sys.executable).with_name("mixtral-jax"))
     proc = subprocess.Popen([cli, "serve", "--port", str(port), "--max-len", "24", "--max-slots", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     try:
         deadline = time.time() + 300
         while True:
@@ -326,4 +327,5 @@ def test_the_command_serves_the_demo_model_and_at_ctrl_c_or_sigterm_drains_then_
     assert chunks[-1].usage.completion_tokens == 20
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert out == ""
-    assert "compiled prefill for 2 prompt lengths" in err and f"http://127.0.0.1:{port}/v1" in err
+    # prompt buckets 16 and 23 (the rest of --max-len 24), alone and two at a time
+    assert "compiled 4 prefill programs" in err and f"http://127.0.0.1:{port}/v1" in err

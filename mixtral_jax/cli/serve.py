@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     engine = Engine(model, slots=args.max_slots, max_len=args.max_len, steps=args.steps, chunk=args.prefill_chunk,
                     logprobs=args.max_logprobs)
-    buckets = engine.compile_all()
+    prefills = engine.compile_all()
     where = (f"serving on http://{args.host}:{args.port}/v1" if jax.process_index() == 0 else
              "following process 0's rounds")
-    _common.note(f"compiled prefill for {buckets} prompt lengths and the decode round in "
+    _common.note(f"compiled {prefills} prefill programs and the decode round in "
                  f"{time.perf_counter() - began:.1f} s; {where}")
     if jax.process_index() > 0:  # process 0 listens, and hands every process each round's plan
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # process 0 says when to stop
