@@ -138,7 +138,7 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process in its own session (so its workers stop with it), logging to `log`."""
+    """A server process leading its own process group (so its workers stop with it), logging to `log`."""
 
     def __init__(self, name: str, argv: list[str], port: int, model: str, log: Path, env: dict | None = None):
         self.name, self.port, self.model, self.log = name, port, model, log

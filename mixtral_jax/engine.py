@@ -85,6 +85,10 @@ class Tokens(NamedTuple):
     top_ids: jax.Array | np.ndarray | None = None
     top_logprob: jax.Array | np.ndarray | None = None
 
+    def take(self, index) -> Tokens:
+        """Every field indexed along its first axis (a step of a round's tokens, or a row range)."""
+        return Tokens(*(None if x is None else x[index] for x in self))
+
 
 def _tokens(logits: jax.Array, ids: jax.Array, n_logprobs: int, n_valid: int | None,
             wanted: jax.Array | None = None) -> Tokens:
@@ -432,7 +436,7 @@ class Engine:
                                                       **self._static())
         del self.pending[: len(group)]
         first = jax.tree.map(fetch, first)
-        return [(job.slot, Tokens(*(None if x is None else x[i : i + 1] for x in first)))
+        return [(job.slot, first.take(slice(i, i + 1)))
                 for i, job in enumerate(group)]
 
     def step(self, n: int | None = None) -> Tokens:

@@ -170,7 +170,7 @@ class Scheduler(threading.Thread):
             for slot, job in list(self.running.items()):
                 for step in range(new.ids.shape[0]):
                     if new.ids[step, slot] >= 0 and not job.finished:
-                        self._take(job, Tokens(*(None if x is None else x[step] for x in new)), slot, now)
+                        self._take(job, new.take(step), slot, now)
         for slot in outcome.ended:
             self._freed(self.running.pop(slot))
 
