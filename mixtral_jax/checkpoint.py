@@ -53,8 +53,7 @@ def write_model(folder: str | os.PathLike, config: ModelConfig, params: dict[str
     folder is named after it)."""
     specs = {path: ArraySpec(tuple(w.shape), np.dtype(w.dtype), stacked_axes(config, path))
              for path, w in params.items()}
-    with outputs.staging(folder, "model", force) as tmp:
-        writer = ArrayWriter(tmp, specs)
+    with outputs.staging(folder, "model", force) as tmp, ArrayWriter(tmp, specs) as writer:
         for path, w in params.items():
             for index in itertools.product(*map(range, w.shape[: specs[path].stacked])):
                 writer.write(path, index, np.asarray(w[index] if index else w))
@@ -155,7 +154,9 @@ class ArrayWriter:
     """Fills the `params/` layout that `StandardCheckpointer` restores, one slice at a time.
 
     `specs` maps parameter paths (`"layers.attn.wq"`) to their `ArraySpec`. Writes go straight to disk;
-    one write is in flight while the caller prepares the next. `close` writes the tree metadata.
+    one write is in flight while the caller prepares the next. `close` writes the tree metadata. Used as a
+    context manager it waits for the write in flight however the block ends, so that a caller removing the
+    folder after an error races no write still landing in it.
     """
 
     def __init__(self, folder: str | os.PathLike, specs: dict[str, ArraySpec]):
@@ -177,6 +178,18 @@ class ArrayWriter:
                 "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
             },
         }, create=True).result()
+
+    def __enter__(self) -> ArrayWriter:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if self._pending is not None:
+            future, self._pending = self._pending[0], None
+            try:
+                future.result()
+            except Exception:
+                if kind is None:
+                    raise  # the block's own error, if any, is the one to report
 
     def chunks(self, name: str) -> tuple[int, ...]:
         """The storage chunk shape of a parameter (writes aligned to it never rewrite a chunk)."""

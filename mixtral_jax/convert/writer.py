@@ -47,8 +47,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
     total = sum(src.nbytes(name) for _, name, _ in steps)
     with outputs.staging(output, "model", force, sources=[source]) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
-    ) as bar:
-        writer = checkpoint.ArrayWriter(tmp, specs)
+    ) as bar, checkpoint.ArrayWriter(tmp, specs) as writer:
         for i, (rule, name, index) in enumerate(steps):
             for rows, region in blocks(rule, src.shape(name), src.nbytes(name), writer.chunks(rule.target), index):
                 block = src.read(name, rows)
