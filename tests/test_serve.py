@@ -248,21 +248,17 @@ def test_clients_gone_mid_stream_free_their_slots_and_leave_nothing_behind(serve
                 assert part, seen
                 seen += part
 
-    def metric(text: str, name: str) -> float:
-        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(found[1]) if found else 0.0
-
     def hundred() -> float:
         """Cancelled requests among 100 dropped ones, once every slot is free again."""
         cancelled = 'mixtral_requests_total{outcome="cancelled"}'
-        before = metric(http.get("/metrics").text, cancelled)
+        before = _metric(http.get("/metrics").text, cancelled)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             list(pool.map(drop_after_first_chunk, range(100)))
         deadline = time.time() + 30
-        while metric(text := http.get("/metrics").text, "mixtral_busy_slots") > 0:
+        while _metric(text := http.get("/metrics").text, "mixtral_busy_slots") > 0:
             assert time.time() < deadline, "slots still busy"
             time.sleep(0.05)
-        return metric(text, cancelled) - before
+        return _metric(text, cancelled) - before
 
     hundred()
     rss = _rss()
@@ -270,6 +266,29 @@ def test_clients_gone_mid_stream_free_their_slots_and_leave_nothing_behind(serve
     assert _rss() - rss < 16 * 2**20
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is Job]
+
+
+def test_a_client_gone_before_its_whole_response_frees_its_slot(served):
+    """A request that is not streamed, its client gone right after sending it: the wait ends and the slot is
+    freed long before its token limit would have ended it."""
+    _, client, app, _ = served
+    http = TestClient(app)
+    body = json.dumps({"prompt": "def", "max_tokens": MAX_LEN - 4, "temperature": 0}).encode()
+    cancelled = 'mixtral_requests_total{outcome="cancelled"}'
+    before = _metric(http.get("/metrics").text, cancelled)
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 30
+    while _metric(text := http.get("/metrics").text, "mixtral_busy_slots") > 0 or _metric(text, cancelled) < before + 4:
+        assert time.time() < deadline, text
+        time.sleep(0.05)
+
+
+def _metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
 
 
 def _rss() -> int:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mixtral_jax.errors import MixtralError
@@ -106,19 +106,19 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                                             "owned_by": "mixtral-jax", "max_model_len": max_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, list) else _encode(lambda: tokenizer.encode(body.prompt))
-        return await _respond(body, prompt, body.max_tokens, chat=False)
+        return await _respond(body, prompt, body.max_tokens, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         messages = [m.model_dump() for m in body.messages]
         if body.safe_prompt:
             messages = [{"role": "system", "content": SAFE_PROMPT}, *messages]
         prompt = _encode(lambda: tokenizer.encode_chat(messages))
-        return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await _respond(body, prompt, body.max_completion_tokens or body.max_tokens, request, chat=True)
 
-    async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, chat: bool):
+    async def _respond(body: Sampling, prompt: list[int], max_tokens: int | None, request: Request, chat: bool):
         if getattr(body, "echo", False):
             raise ApiError(400, "echo: returning the prompt with the completion is not supported")
         if body.n != 1:
@@ -149,9 +149,12 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
             return StreamingResponse(_stream(job, ident, chat, include_usage, usage),
                                      media_type="text/event-stream")
         text, tokens, reason = [], [], None
+        watch = asyncio.create_task(_watch_disconnect(request, job))
         try:
             while reason is None:
                 kind, value = await job.events.get()
+                if kind == "gone":
+                    return Response(status_code=499)  # nobody reads it: the client has left
                 if kind == "error":
                     raise ApiError(400, value)
                 if kind == "text":
@@ -160,6 +163,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
                 else:
                     reason = value
         finally:
+            watch.cancel()
             job.cancelled.set()  # a client gone mid-wait frees the slot
         logprobs = None if top is None else _logprobs(tokenizer, tokens, chat)
         choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -205,6 +209,14 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
             job.cancelled.set()
 
     return app
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Wait for the client of a whole (not streamed) response to leave, then end its wait: the server reads
+    nothing more of the request once its body is in, so the next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.events.put_nowait(("gone", None))
 
 
 def _logprobs_asked(body: Sampling, chat: bool) -> int | None:
