@@ -32,6 +32,10 @@ def task_manager(tasks: Sequence[str], include_path: str | None = None) -> TaskM
     if include_path is not None and not Path(include_path).is_dir():
         raise MixtralError(f"--include-path {include_path}: not a folder")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if include_path is not None:  # indexing lm-eval's own thousands of tasks takes seconds: only when needed
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if all(manager.match_tasks([t]) for t in tasks):
+            return manager
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if not tasks or unknown:
