@@ -94,10 +94,11 @@ def run_length(model: Mixtral, tokenizer: Tokenizer, length: int, n_depths: int,
     prompts = [make_prompt(tokenizer, n_prompt, depth, key)
                for depth in depths(n_depths) for key in keys(seed, length, trials)]
     records = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start: start + batch_size]
-        # Rows of one batch are all as long: padding the batch keeps its program the same at the end.
-        rows = [p.ids for p in batch] + [batch[0].ids] * (batch_size - len(batch))
+    size = min(batch_size, len(prompts))
+    for start in range(0, len(prompts), size):
+        batch = prompts[start: start + size]
+        # Rows of one batch are all as long: padding the last batch keeps its program the same.
+        rows = [p.ids for p in batch] + [batch[0].ids] * (size - len(batch))
         answers = model.generate(rows, ANSWER_TOKENS, temperature=0.0)
         for p, new in zip(batch, answers):
             text = tokenizer.decode(new)

@@ -49,10 +49,11 @@ def window_nll(model: Mixtral, windows: Sequence[Sequence[int]], eval_tokens: in
     """The mean negative log-likelihood (nats per token) of the last `eval_tokens` tokens of each window, the
     windows (all of one length) scored `batch_size` at a time."""
     total = 0.0
-    for start in range(0, len(windows), batch_size):
-        batch = list(windows[start: start + batch_size])
+    size = min(batch_size, len(windows))
+    for start in range(0, len(windows), size):
+        batch = list(windows[start: start + size])
         # A short last batch is padded with its first window, so every batch of a length is one program.
-        logprobs = model.score_batch(batch + [batch[0]] * (batch_size - len(batch)))[: len(batch)]
+        logprobs = model.score_batch(batch + [batch[0]] * (size - len(batch)))[: len(batch)]
         total -= sum(float(np.sum(lp[-eval_tokens:], dtype=np.float64)) for lp in logprobs)
         progress(len(batch))
     return total / (len(windows) * eval_tokens)
