@@ -140,6 +140,10 @@ class Mixtral:
         """log p(ids[t + 1] | ids[:t + 1]) for each next token, float32 [len(ids) - 1]."""
         return prefill.score(self, ids)
 
+    def score_batch(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """`score` of each row, run together (rows of similar lengths share one compiled program)."""
+        return prefill.score_rows(self, rows)[0]
+
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _forward_logits(graphdef: nnx.GraphDef, params: nnx.State, backend: Backend, ids: jax.Array) -> jax.Array:

@@ -101,9 +101,10 @@ def fill_cache(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, len
 
 
 def _token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *,
-                    backend: Backend, cfg: ModelConfig, chunk: int, slots: int) -> jax.Array:
-    """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 (0 past each row's end),
-    one chunk at a time through the KV cache."""
+                    backend: Backend, cfg: ModelConfig, chunk: int, slots: int) -> tuple[jax.Array, jax.Array]:
+    """Tokens [B, T] -> log p(tokens[:, t + 1] | tokens[:, :t + 1]) [B, T] float32 and whether that token is the
+    most likely one [B, T] bool, for t < `lengths` (the tokens the model reads; the row's next token after them
+    is only predicted; 0 and False past that), one chunk at a time through the KV cache."""
     batch, length = tokens.shape
     cache = KVCache.create(cfg, backend, batch, slots, chunk=chunk)
     mode = Mode.PREFILL if length == chunk else Mode.EXTEND
@@ -116,11 +117,12 @@ def _token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array
         logp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, C, V]
         nxt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
         picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-        valid = (positions >= 0) & (positions < lengths[:, None] - 1)
-        return out.cache, jnp.where(valid, picked, 0.0)
+        valid = positions >= 0
+        return out.cache, (jnp.where(valid, picked, 0.0), valid & (jnp.argmax(out.logits, axis=-1) == nxt))
 
-    _, logprobs = jax.lax.scan(body, cache, jnp.arange(0, length, chunk, dtype=jnp.int32))
-    return jnp.moveaxis(logprobs, 0, 1).reshape(batch, length)  # [T/C, B, C] -> [B, T]
+    _, (logprobs, greedy) = jax.lax.scan(body, cache, jnp.arange(0, length, chunk, dtype=jnp.int32))
+    # [T/C, B, C] -> [B, T]
+    return jnp.moveaxis(logprobs, 0, 1).reshape(batch, length), jnp.moveaxis(greedy, 0, 1).reshape(batch, length)
 
 
 @functools.cache
@@ -150,16 +152,32 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: in
 
 def score(model: Mixtral, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
     """log p(ids[t + 1] | ids[:t + 1]) for t < len(ids) - 1, float32, computed chunk by chunk."""
+    return score_rows(model, [ids], chunk)[0][0]
+
+
+def score_rows(model: Mixtral, rows: Sequence[Sequence[int]],
+               chunk: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`score` of each row (of up to the model's context and one more token, which is only predicted), and
+    whether each next token is the model's most likely one (bool, as long). The rows run together: the batch
+    rounded up to a power of two and to the mesh's batch axes, the length to a bucket, so rows of similar
+    lengths share one compiled program."""
     cfg = model.config
-    check_prompts([ids], cfg.vocab_size, cfg.max_seq_len)
-    chunk = prefill_chunk(chunk, cfg, 1, len(ids))
-    tokens = np.zeros((1, round_up(len(ids), chunk)), np.int32)
-    tokens[0, : len(ids)] = ids
+    check_prompts(rows, cfg.vocab_size, cfg.max_seq_len + 1)  # the last token is predicted, never read
+    mesh_batch = 1 if model.mesh is None else model.mesh.shape["data"] * model.mesh.shape["fsdp"]
+    batch = round_up(pow2(len(rows)), mesh_batch)
+    longest = max(len(ids) for ids in rows)
+    chunk = prefill_chunk(chunk, cfg, batch // mesh_batch, longest)
+    tokens = np.zeros((batch, round_up(longest if len(rows) == 1 else bucket(longest), chunk)), np.int32)
+    lengths = np.zeros(batch, np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, : len(ids)], lengths[i] = ids, len(ids) - 1
     with model.context():
-        logprobs = _token_logprobs_jit(model.backend.compiler_options)(
-            model.graphdef, model.params, *replicated(model, (tokens, np.int32([len(ids)]))),
-            backend=model.backend, cfg=cfg, chunk=chunk, slots=cache_slots(cfg, len(ids)))
-    return fetch(logprobs)[0, : len(ids) - 1]
+        logprobs, greedy = _token_logprobs_jit(model.backend.compiler_options)(
+            model.graphdef, model.params, *replicated(model, (tokens, lengths)),
+            backend=model.backend, cfg=cfg, chunk=chunk, slots=cache_slots(cfg, longest - 1))
+    logprobs, greedy = fetch(logprobs), fetch(greedy)
+    return ([logprobs[i, : len(ids) - 1] for i, ids in enumerate(rows)],
+            [greedy[i, : len(ids) - 1] for i, ids in enumerate(rows)])
 
 
 def prefill_chunk(chunk: int | None, cfg: ModelConfig, rows: int, longest: int) -> int:
