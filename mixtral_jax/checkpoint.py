@@ -174,7 +174,7 @@ class ArrayWriter:
             "kvstore": {"driver": "file", "path": str(self.path / name)},
             "metadata": {
                 "shape": list(spec.shape), "chunks": list(chunk_shape(spec.shape, dtype.itemsize, spec.stacked)),
-                "dtype": "bfloat16" if dtype.name == "bfloat16" else dtype.str,
+                "dtype": dtype.name if dtype.name in ("bfloat16", "int4") else dtype.str,
                 "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
             },
         }, create=True).result()

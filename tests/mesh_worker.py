@@ -63,7 +63,7 @@ def expert_parallel_errors(spec: str) -> dict[str, float]:
     w2 = jax.random.normal(keys[4], (e, f, d)) / f**0.5
     reference = backends.Backend()
     experts = backends.Experts(w1, w3, w2, None)
-    quantised = [quant.quantize_int8(w) for w in (w1, w3, w2)]
+    quantised = [quant.quantize(w, "int8", 1, 1, 128) for w in (w1, w3, w2)]
     int8 = backends.Experts(*(q for q, _ in quantised), tuple(s for _, s in quantised))
     expected = {False: moe.reference(reference, x, weights, ids, experts),
                 True: moe.reference(reference, x, weights, ids, int8)}
