@@ -99,9 +99,12 @@ def converted(tmp_path_factory):
     return convert(demo.path(), out, quantize="int4", quant_group=64, progress=False)
 
 
-def test_converting_quantized_equals_quantizing_while_loading(converted):
+def test_converting_quantized_equals_quantizing_while_loading(converted, tmp_path):
+    """A folder converted with --quantize holds what a quantising load of the 16-bit model folder makes
+    (the Hugging Face folder's quantising load is the demo model's in the tests above)."""
+    folder = convert(demo.path(), tmp_path / "bf16", progress=False)
     stored = mixtral_jax.load(converted, backend="reference").checkpoint_params()
-    loaded = mixtral_jax.load(demo.path(), backend="reference", quantize="int4", quant_group=64).checkpoint_params()
+    loaded = mixtral_jax.load(folder, backend="reference", quantize="int4", quant_group=64).checkpoint_params()
     assert sorted(stored) == sorted(loaded) and stored["layers.ffn.w1"].dtype == jnp.int4
     assert stored["layers.ffn.scales.w2"].shape[2] == 256 // 64  # FFN dim / group
     for path in stored:
