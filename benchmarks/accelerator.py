@@ -6,7 +6,7 @@ A Mixtral-shaped random model (8 experts, top-2) sized to the device: about 4.7B
 holds 40 GiB or more, 1.5B where it holds 12 GiB or more, else (a CPU, or `--quick`) a few million. For the
 platform's backend and the reference (`backends/`: the kernels side by side: on a GPU cuDNN's fused
 attention against XLA's, on a TPU megablox against `ragged_dot`, on a CPU the split layout against the
-reference), in bfloat16 and with int8 experts:
+reference), in bfloat16 and with int8 and int4 weights (attention and experts, `quant.py`):
 - decode tokens/s at batch 1, 8 and 64 (128-token prompts, `--new` tokens), and as a fraction of the limit:
   the bytes one decode step must read (`common.decode_step_bytes`) over the measured copy bandwidth of the
   device (bytes read plus written by a large array copy);
@@ -34,7 +34,7 @@ PRESETS = {  # (minimum device GiB, config)
     "1.5B": (12, dict(vocab_size=32000, dim=1024, n_layers=16, n_heads=8, n_kv_heads=2, head_dim=128,
                       ffn_dim=3584, n_experts=8, top_k=2, max_seq_len=4096)),
     "tiny": (0, dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                     n_experts=8, top_k=2, max_seq_len=512)),
+                     n_experts=8, top_k=2, max_seq_len=512, quant_group=64)),
 }
 
 
@@ -77,20 +77,19 @@ def run(quick: bool = False, new: int = 32) -> tuple[str, list[dict]]:
     device = jax.devices()[0]
     header = (f"{device.device_kind} ({device.platform}, {gib:.0f} GiB); JAX {jax.__version__}; model {name}; "
               f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bfloat16 matmul peak {peak / 1e12:.1f} TFLOP/s")
-    base = mixtral_jax.init_random(cfg, seed=0)
+    platform = mixtral_jax.init_random(cfg.replace(n_layers=1), seed=0).backend
     rows = []
-    for backend in dict.fromkeys([base.backend, backends.Backend()]):
-        for int8 in (False, True):
-            model = base.with_backend(backend)
-            model = model.quantize() if int8 else model
-            row = {"backend": backend.describe(), "experts": "int8" if int8 else "bfloat16"}
+    for backend in dict.fromkeys([platform, backends.Backend()]):
+        for fmt in ("none", "int8", "int4"):
+            model = mixtral_jax.init_random(cfg.replace(quantize=fmt), seed=0, backend=backend)
+            row = {"backend": backend.describe(), "weights": "bfloat16" if fmt == "none" else fmt}
             for batch in batches:
                 ids = [[(7 * i + b) % (cfg.vocab_size - 3) + 3 for i in range(prompt)] for b in range(batch)]
                 one = seconds(lambda: model.generate(ids, 1, stop_at_eos=False), reps)
                 many = seconds(lambda: model.generate(ids, new, stop_at_eos=False), reps)
                 tok_s = batch * (new - 1) / max(many - one, 1e-9)
                 limit = batch * bandwidth / common.decode_step_bytes(cfg, batch, prompt + new // 2, 2, 2,
-                                                                      int8_experts=int8)
+                                                                      quantize=fmt)
                 row[f"decode b{batch} tok/s"], row[f"decode b{batch} of limit"] = tok_s, tok_s / limit
             long = [[(11 * i) % (cfg.vocab_size - 3) + 3 for i in range(prefill_len)]]
             tok_s = prefill_len / seconds(lambda: model.generate(long, 1, stop_at_eos=False), reps)

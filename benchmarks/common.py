@@ -64,18 +64,27 @@ def expected_distinct_experts(n_experts: int, top_k: int, n_tokens: int) -> floa
     return n_experts * (1 - ((n_experts - top_k) / n_experts) ** n_tokens)
 
 
-def decode_step_bytes(cfg, batch: int, context: int, weight_bytes: float, kv_bytes: int = 4,
-                      expert_reads: float | None = None, int8_experts: bool = False) -> float:
+def decode_step_bytes(cfg, batch: int, context: int, weight_bytes: float, kv_bytes: float = 4,
+                      expert_reads: float | None = None, quantize: str = "none", group: int = 128) -> float:
     """The fewest bytes one decode step must read: every non-expert weight once, the experts the batch
-    routes to (`expert_reads` slices per layer, default the expected distinct count; `int8_experts`: one
-    byte a weight plus float32 scales per output column), the KV cache up to `context` positions, one
-    embedding row a sequence. `cfg` is a `ModelConfig`."""
+    routes to (`expert_reads` slices per layer, default the expected distinct count), the KV cache up to
+    `context` positions (`kv_bytes` an entry), one embedding row a sequence. `quantize`: the attention and
+    expert matrices in int8 (a byte a weight plus a float32 scale per output column) or int4 (half a byte
+    plus a float32 scale per `group` weights). `cfg` is a `ModelConfig`."""
     d, f, e, l = cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.n_layers
-    attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * d
+
+    def matrix(n_in: int, n_out: int) -> float:
+        if quantize == "int8":
+            return n_in * n_out + 4 * n_out
+        if quantize == "int4":
+            return n_in * n_out / 2 + 4 * n_in * n_out / group
+        return n_in * n_out * weight_bytes
+
+    attn = matrix(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim) + matrix(cfg.n_heads * cfg.head_dim, d)
     if expert_reads is None:
         expert_reads = expected_distinct_experts(e, cfg.top_k, batch)
-    expert = 3 * d * f + 4 * (2 * f + d) if int8_experts else 3 * d * f * weight_bytes
-    per_layer = (attn + d * e + 2 * d) * weight_bytes + expert_reads * expert
+    expert = 2 * matrix(d, f) + matrix(f, d)
+    per_layer = attn + (d * e + 2 * d) * weight_bytes + expert_reads * expert
     kv = 2 * batch * context * cfg.n_kv_heads * cfg.head_dim * kv_bytes
     head = (d * cfg.vocab_size + d) * weight_bytes + batch * d * weight_bytes
     return l * (per_layer + kv) + head

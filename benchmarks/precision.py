@@ -1,4 +1,4 @@
-"""float32 vs bfloat16 vs int8 weight-only experts on the 214M checkpoint: speed and parity.
+"""float32 vs bfloat16 vs int8 weights (attention and experts) on the 214M checkpoint: speed and parity.
 
 Run: python -m benchmarks.precision [--rounds 3] [--batch 1]
 
@@ -28,8 +28,9 @@ def main() -> None:
     folder = common.make_checkpoint()
     f32 = mixtral_jax.load(folder, dtype="float32")
     bf16 = mixtral_jax.load(folder, dtype="bfloat16")
-    models = {"float32": f32, "bfloat16": bf16, "int8 experts, float32": f32.quantize(),
-              "int8 experts, bfloat16": bf16.quantize()}
+    models = {"float32": f32, "bfloat16": bf16,
+              "int8, float32": mixtral_jax.load(folder, dtype="float32", quantize="int8"),
+              "int8, bfloat16": mixtral_jax.load(folder, dtype="bfloat16", quantize="int8")}
     ids = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, common.PROMPT))
     ref = np.asarray(jax.nn.log_softmax(f32.logits(ids)))
     prompt = np.random.default_rng(1).integers(3, f32.config.vocab_size, (args.batch, common.PROMPT)).tolist()

@@ -9,8 +9,9 @@ Prefill tokens/s is batch x P / t(1 token); decode tokens/s is batch x (N - 1) /
 our first 1-token plus first N-token call minus the steady ones (JAX compiles prefill and decode loop there).
 Limits: decode at measured read bandwidth / bytes one step must read (`common.decode_step_bytes`),
 prefill at measured matmul peak / FLOPs per prompt token (`common.prefill_flops_per_token`).
-Torch gets as many threads as XLA:CPU uses (one per core). `--int8` quantises our expert weights
-(`Mixtral.quantize`; transformers keeps `--dtype`), and the limits count those at one byte.
+Torch gets as many threads as XLA:CPU uses (one per core). `--int8` quantises our attention and
+expert weights as they load (`load(..., quantize="int8")`; transformers keeps `--dtype`), and the limits
+count those at one byte.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prompt", type=int, default=common.PROMPT, help="prompt tokens")
     parser.add_argument("--new", type=int, default=common.NEW, help="new tokens")
-    parser.add_argument("--int8", action="store_true", help="our expert weights in int8")
+    parser.add_argument("--int8", action="store_true", help="our attention and expert weights in int8")
     args = parser.parse_args()
 
     import torch
@@ -72,9 +73,7 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count())
     folder = common.make_checkpoint()
-    ours = mixtral_jax.load(folder, dtype=args.dtype)
-    if args.int8:
-        ours = ours.quantize()
+    ours = mixtral_jax.load(folder, dtype=args.dtype, quantize="int8" if args.int8 else None)
     theirs = MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     bandwidth = common.memory_bandwidth()["read"]
     peak = common.matmul_peak(dtype=args.dtype)
@@ -86,7 +85,7 @@ def main() -> None:
     for batch in args.batch:
         r = bench_batch(ours, theirs, batch, args.rounds, args.prompt, args.new)
         step_bytes = common.decode_step_bytes(cfg, batch, args.prompt + args.new // 2, weight_bytes, weight_bytes,
-                                              int8_experts=args.int8)
+                                              quantize="int8" if args.int8 else "none")
         decode_limit = batch * bandwidth / step_bytes
         prefill_limit = peak / common.prefill_flops_per_token(cfg, args.prompt, all_logits=False)
         rows.append([

@@ -71,25 +71,6 @@ class Mixtral:
         handle.tokenizer = tokenizer
         return handle
 
-    def quantize(self, method: str = "int8") -> Mixtral:
-        """The same model with its expert weights in int8 (the only `method`) and float32 scales per output
-        channel (`quant.py`); this handle is left unchanged."""
-        if method != "int8":
-            raise MixtralError(f"unknown quantisation {method!r}; supported: int8")
-        if not self.config.is_moe:
-            raise MixtralError("int8 quantisation applies to expert weights; this model is dense")
-        if self.config.quantize != "none":
-            raise MixtralError("the model is already quantised")
-        cfg = self.config.replace(quantize=method)
-        leaves = self.checkpoint_params()
-        for name in ("w1", "w3", "w2"):
-            q, scale = quant.quantize_int8(leaves[f"layers.ffn.{name}"])
-            leaves[f"layers.ffn.{name}"], leaves[f"layers.ffn.scales.{name}"] = q, scale
-        shardings = _shardings(cfg, self.mesh, self.rules)
-        leaves = {path: jax.device_put(w, shardings[path]) for path, w in leaves.items()}
-        state = _state(cfg, self.backend.from_checkpoint_layout(cfg, leaves))
-        return Mixtral(cfg, state, self.tokenizer, self.mesh, self.backend, self.rules)
-
     def checkpoint_params(self) -> dict[str, jax.Array]:
         """The weights in the checkpoint layout, path -> array (`layers.ffn.w1` [L, E, D, F]); the backend's
         own arrays where its layout is that one, else a stacked copy."""
@@ -183,7 +164,8 @@ def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = No
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
-         backend: Backend | str | None = None, allow_non_finite: bool = False, training: bool = False) -> Mixtral:
+         backend: Backend | str | None = None, allow_non_finite: bool = False, training: bool = False,
+         quantize: str | None = None, quant_group: int | None = None, kv_cache_dtype: str | None = None) -> Mixtral:
     """A model folder (`mixtral-jax convert` output), a training OUTPUT (its latest step), or a Hugging Face
     or Mistral checkpoint folder, read straight into the backend's layout, sharded over `mesh`.
 
@@ -194,20 +176,26 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
     first device); `backend`: a Backend, a name, or None (the platform's; with `training`, one that holds the
     checkpoint layout). A foreign folder's weights holding NaN or inf are refused unless `allow_non_finite`
     (a model folder's are not checked again: `convert` checks them as it writes).
+
+    `quantize` (`int8`, `int4`; None or `none`: as stored) quantises a 16-bit checkpoint's large matrices
+    slice by slice as they are read, in groups of `quant_group` for int4 (default 128; `quant.py`); a
+    quantised checkpoint is loaded as it is and not quantised again. `kv_cache_dtype`: `int8` for an int8 KV
+    cache (None: the config's, `auto`).
     """
     opened = loading.open_checkpoint(path, allow_non_finite)
-    cfg = opened.config.with_dtype(dtype)
+    cfg, reader = opened.config.with_dtype(dtype), opened.reader
+    if kv_cache_dtype is not None:
+        cfg = cfg.replace(kv_cache_dtype=kv_cache_dtype)
+    if quantize not in (None, "none"):
+        cfg = quant.quantized_config(cfg, quantize, quant_group, path)
+        reader = loading.QuantizingReader(reader, cfg)
     mesh = sh.as_mesh(mesh)
     rules = sh.rules_for(cfg.n_kv_heads, mesh)
     backend = backends.resolve(backend, cfg, mesh, training)
     targets = _targets(cfg, mesh, rules)
-    leaves = backend.place(cfg, targets, opened.reader)
+    leaves = backend.place(cfg, targets, reader)
     tokenizer = None if opened.tokenizer is None else Tokenizer(opened.tokenizer)
     return Mixtral(cfg, _state(cfg, leaves), tokenizer, mesh, backend, rules)
-
-
-def _shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> dict[str, jax.NamedSharding]:
-    return _leaves(sh.named_shardings(model.abstract(cfg)[1], mesh, rules))
 
 
 def _targets(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: sh.Rules) -> dict[str, jax.ShapeDtypeStruct]:

@@ -83,8 +83,8 @@ def tokenizer_path(folder: str | os.PathLike) -> Path | None:
 
 def restore(folder: str | os.PathLike, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """The parameters of a model folder (or a training step's folder, which holds `params/` alike) read into
-    the shapes, dtypes (cast) and shardings of `targets` (path -> ShapeDtypeStruct): each host reads only the
-    chunks under its devices' shards."""
+    the shapes, dtypes (cast) and shardings of `targets` (path -> ShapeDtypeStruct; all of them or some):
+    each host reads only the chunks under its devices' shards."""
     path = Path(folder).absolute() / PARAMS_DIR
     stored = stored_tree(path)
     nested: dict[str, Any] = {}
@@ -99,10 +99,24 @@ def restore(folder: str | os.PathLike, targets: dict[str, jax.ShapeDtypeStruct])
         *parents, leaf = name.split(".")
         functools.reduce(lambda tree, key: tree.setdefault(key, {}), parents, nested)[leaf] = target
     try:
-        restored = ocp.StandardCheckpointer().restore(path, nested)
+        restored = _restore(path, nested, partial=len(targets) < _count(stored))
     except Exception as e:
         raise unreadable(path, e) from None
     return {name: _get(restored, name.split(".")) for name in targets}
+
+
+def _restore(path: Path, nested: dict[str, Any], partial: bool) -> Any:
+    """Orbax's restore of `nested` (ShapeDtypeStructs); `partial`: some of the stored leaves only."""
+    if not partial:
+        return ocp.StandardCheckpointer().restore(path, nested)
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                                dtype=t.dtype), nested)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(nested, restore_args, partial_restore=True))
+
+
+def _count(tree: Any) -> int:
+    return sum(_count(v) for v in tree.values()) if isinstance(tree, dict) else 1
 
 
 def read_slice(folder: str | os.PathLike, name: str, index: tuple[int, ...], dtype) -> np.ndarray:
@@ -174,7 +188,7 @@ class ArrayWriter:
             "kvstore": {"driver": "file", "path": str(self.path / name)},
             "metadata": {
                 "shape": list(spec.shape), "chunks": list(chunk_shape(spec.shape, dtype.itemsize, spec.stacked)),
-                "dtype": "bfloat16" if dtype.name == "bfloat16" else dtype.str,
+                "dtype": dtype.name if dtype.name in ("bfloat16", "int4") else dtype.str,
                 "compressor": {"id": "zstd", "level": 1}, "dimension_separator": ".",
             },
         }, create=True).result()

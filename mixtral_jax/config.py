@@ -14,7 +14,8 @@ from typing import Any, Mapping
 from mixtral_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8")  # the expert weights' storage (`quant.py`)
+QUANTIZE = ("none", "int8", "int4")  # the large matrices' storage (`quant.py`)
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the backend's choice (the compute dtype, or wider)
 # Keys of configs written by earlier versions that named runtime choices, which backends make now
 # (`backends/`): read and ignored.
 RUNTIME_KEYS = ("moe_impl", "grouped_kernel", "layout", "attention_impl")
@@ -26,7 +27,10 @@ class ModelConfig:
 
     `n_experts == 0` means a dense SwiGLU MLP (Mistral 7B). `dtype` is the compute dtype and
     `param_dtype` the storage dtype; router, norms, attention softmax and logits are always float32.
-    `quantize = "int8"`: the expert weights are stored in int8 with float32 scales (`quant.py`).
+    `quantize`: the attention projections and experts (or MLP) are stored in int8 (a float32 scale per
+    output channel) or int4 (a float32 scale per `quant_group` entries along the contracted axes), `quant.py`.
+    `kv_cache_dtype = "int8"`: the KV cache holds int8 keys and values with a float32 scale per token and KV
+    head.
     """
 
     vocab_size: int
@@ -50,6 +54,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     quantize: str = "none"
+    quant_group: int = 128
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check(vars(self), "config")
@@ -91,9 +97,9 @@ class ModelConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 _POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta",
-             "norm_eps", "max_seq_len", "sliding_window")
+             "norm_eps", "max_seq_len", "sliding_window", "quant_group")
 _NON_NEGATIVE = ("n_experts", "top_k", "router_aux_loss_coef", "router_z_loss_coef", "bos_id", "eos_id")
-_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "quantize": QUANTIZE}
+_CHOICES = {"dtype": DTYPES, "param_dtype": DTYPES, "quantize": QUANTIZE, "kv_cache_dtype": KV_CACHE_DTYPES}
 # A field's annotation -> what its value must be, and the test. A bool is an int to Python but never a count
 # here, and a float must be finite: the model computes with these and shapes its arrays by them.
 _TYPES = {
@@ -142,10 +148,24 @@ def _check(values: Mapping[str, Any], source: str | os.PathLike, keys: Mapping[s
                           f"{key('n_kv_heads')} ({v['n_kv_heads']})")
     if v["n_experts"] and not 0 < v["top_k"] <= v["n_experts"]:
         raise ConfigError(f"{source}: {key('top_k')} must be in [1, {v['n_experts']}], got {v['top_k']}")
+    if v["quantize"] == "int4":
+        _check_group(v, source, key("quant_group"))
     for name in ("bos_id", "eos_id"):
         if v[name] >= v["vocab_size"]:
             raise ConfigError(f"{source}: {key(name)} ({v[name]}) must be below {key('vocab_size')} "
                               f"({v['vocab_size']})")
+
+
+def _check_group(v: Mapping[str, Any], source: str | os.PathLike, key: str) -> None:
+    """int4's group must divide each quantised weight's contracted entries: the model dim (wq, wk, wv, w1,
+    w3), the FFN dim (w2), and heads x head dim (wo), there in whole heads or parts of one."""
+    g, h = v["quant_group"], v["head_dim"]
+    contracted = {"the model dim": v["dim"], "the FFN dim": v["ffn_dim"], "heads x head dim": v["n_heads"] * h}
+    for what, n in contracted.items():
+        if n % g:
+            raise ConfigError(f"{source}: {key} ({g}) does not divide {what} ({n})")
+    if h % g and g % h:
+        raise ConfigError(f"{source}: {key} ({g}) must divide the head dim ({h}) or be a multiple of it")
 
 
 def _build(source: str | os.PathLike, values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> ModelConfig:

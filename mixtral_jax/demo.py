@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -24,10 +25,11 @@ def path() -> Path:
 
 
 def load(dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
-         backend: str | None = None) -> api.Mixtral:
+         backend: str | None = None, **options: Any) -> api.Mixtral:
     """The demo model's handle, computing in `dtype` (None: float32, as it is small and meant for CPU; it is
-    stored in bfloat16), run by `backend` (None: the platform's)."""
+    stored in bfloat16), run by `backend` (None: the platform's); `options` are `api.load`'s (`quantize`,
+    `quant_group`, `kv_cache_dtype`)."""
     folder = path()
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: the demo model is not installed with this package")
-    return api.load(folder, dtype=dtype or "float32", mesh=mesh, backend=backend)
+    return api.load(folder, dtype=dtype or "float32", mesh=mesh, backend=backend, **options)

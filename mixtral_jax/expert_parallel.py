@@ -43,7 +43,10 @@ def dispatch(choose: Callable[[int, int, int], Callable[..., jax.Array]], backen
     tokens = jax.P(token_axes, None)
     up = jax.P(exp_axes or None, None, mlp_axes or None)
     down = jax.P(exp_axes or None, mlp_axes or None, None)
-    expert_specs = Experts(up, up, down, None if experts.scales is None else (up, up, jax.P(exp_axes or None)))
+    # w2's scales split their groups along F as w2 splits its rows; one scale per channel spans all of F
+    grouped = experts.scales is not None and experts.scales[2].shape[1] > 1
+    scale_specs = None if experts.scales is None else (up, up, down if grouped else jax.P(exp_axes or None))
+    expert_specs = Experts(up, up, down, scale_specs)
 
     def local(x, weights, expert_ids, experts):
         first = jax.lax.axis_index(exp_axes) * n_local if exp_axes else 0

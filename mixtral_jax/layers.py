@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import quant
 from mixtral_jax import sharding as sh
 from mixtral_jax.backends import Backend, LayerCache
 from mixtral_jax.backends.reference import at_index
@@ -36,6 +37,48 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...],
           init: nnx.Initializer = nnx.initializers.normal(0.02)) -> nnx.Param:
     """A parameter carrying its logical axis names (placed on the mesh later, not eagerly)."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class Scales(nnx.Module):
+    """The float32 scales of a module's quantised weights, under the weights' names (`quant.py`)."""
+
+    def __init__(self, **scales: nnx.Param):
+        for name, scale in scales.items():
+            setattr(self, name, scale)
+
+
+def quantize_weights(module: nnx.Module, cfg: ModelConfig, names: tuple[str, ...], lead: int = 0) -> None:
+    """Store the weights `names` of `module` (each [*lead axes, *contracted, *out], `quant.CONTRACTED`) in
+    `cfg.quantize`'s format with their scales in `module.scales`; None when the config does not quantise."""
+    if cfg.quantize == "none":
+        module.scales = None
+        return
+    scales = {}
+    for name in names:
+        weight = getattr(module, name)
+        contracted = quant.CONTRACTED[name]
+        q, scale = quant.quantize(weight[...], cfg.quantize, lead, contracted, cfg.quant_group)
+        setattr(module, name, weight.replace(value=q))
+        axes = tuple(None if lead <= i < lead + contracted else a for i, a in enumerate(weight.out_sharding))
+        scales[name] = nnx.Param(scale, out_sharding=axes, eager_sharding=False)
+    module.scales = Scales(**scales)
+
+
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array | quant.QTensor:
+    """The weight `name` of `module` read as `dtype`: an array, or a `quant.QTensor` when it is quantised
+    (the backend's products multiply its scales back)."""
+    w = getattr(module, name)[...]
+    if module.scales is None:
+        return w.astype(dtype)
+    return quant.QTensor(w, getattr(module.scales, name)[...], dtype)
+
+
+def _rows(w: jax.Array | quant.QTensor) -> jax.Array | quant.QTensor:
+    """[N, H, D] -> [N * H, D] (a free reshape; a quantised weight's scales alike: their groups run in the
+    same order)."""
+    if isinstance(w, quant.QTensor):
+        return w._replace(q=w.q.reshape(-1, w.q.shape[-1]), scale=w.scale.reshape(-1, w.scale.shape[-1]))
+    return w.reshape(-1, w.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -65,6 +108,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dt)
         self.wv = param(rngs, (d, k, h), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), dt)
         self.wo = param(rngs, (n, h, d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), dt)
+        quantize_weights(self, cfg, ("wq", "wk", "wv", "wo"))
         self.head_dim = h
         self.theta = cfg.rope_theta
         self.window = cfg.sliding_window
@@ -82,9 +126,9 @@ class Attention(nnx.Module):
         q_x, q_pos, q_table = x, positions, table
         if keep is not None:
             q_x, q_pos, q_table = at_index(x, keep), at_index(positions, keep), at_index(table, keep)
-        q = rope(backend.dense("BTD,DNH->BTNH", q_x, self.wq[...].astype(dtype)), q_table)
-        k = rope(backend.dense("BTD,DKH->BTKH", x, self.wk[...].astype(dtype)), table)
-        v = backend.dense("BTD,DKH->BTKH", x, self.wv[...].astype(dtype))
+        q = rope(backend.dense("BTD,DNH->BTNH", q_x, weight(self, "wq", dtype)), q_table)
+        k = rope(backend.dense("BTD,DKH->BTKH", x, weight(self, "wk", dtype)), table)
+        v = backend.dense("BTD,DKH->BTKH", x, weight(self, "wv", dtype))
         q = sh.constrain(q, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.HEAD_DIM))
         match mode:
             case Mode.TRAIN:
@@ -95,5 +139,4 @@ class Attention(nnx.Module):
                 out, kv = backend.extend_attention(q, q_pos, k, v, positions, kv, slots, slot_pos, self.window)
             case Mode.DECODE:
                 out, kv = backend.decode_attention(q, q_pos, k, v, positions, kv, slots, slot_pos, self.window)
-        wo = self.wo[...].astype(dtype)  # contracted as [N * H, D], a free reshape
-        return backend.dense("BTX,XD->BTD", out, wo.reshape(-1, wo.shape[-1])), kv
+        return backend.dense("BTX,XD->BTD", out, _rows(weight(self, "wo", dtype))), kv

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from mixtral_jax import checkpoint, trained
+from mixtral_jax import checkpoint, quant, trained
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.sources import Source, open_source
@@ -87,3 +87,57 @@ class ForeignReader:
     def _assemble(self, path: str, index: tuple[slice, ...], dtype) -> np.ndarray:
         return mapping.assemble(self.rules[path], self.source, self.source.config, index, dtype,
                                 self.allow_non_finite)
+
+
+class QuantizingReader:
+    """A reader of a 16-bit checkpoint that serves `cfg`'s quantised weights: each (layer) or (layer, expert)
+    slice is read in float32 and quantised on its own (`quant.quantize_slice`), so the host holds the
+    quantised weights plus one slice; a reader without slices (a training OUTPUT) gives one whole weight."""
+
+    def __init__(self, reader, cfg: ModelConfig):
+        self.inner, self.cfg = reader, cfg
+        self.slices = reader.slices
+        self._last: tuple[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def arrays(self, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+        weights = [path for path in targets if quant.is_quantized(self.cfg, path)]
+        scales = {quant.scale_path(path) for path in weights}
+        out = self.inner.arrays({p: t for p, t in targets.items() if p not in scales and p not in weights})
+        for path in weights:
+            q_target, s_target = targets[path], targets[quant.scale_path(path)]
+            q = np.empty(q_target.shape, q_target.dtype)
+            scale = np.empty(s_target.shape, s_target.dtype)
+            whole = None if self.slices else self._whole(path, q_target.shape)
+            for index in quant.stacked_slices(self.cfg, path, q_target.shape):
+                if whole is None:
+                    q[index], scale[index] = self._slice(path, index)
+                else:
+                    q[index], scale[index] = quant.quantize_slice(self.cfg, path, whole[index])
+            del whole
+            out[path] = _placed(q, q_target)
+            out[quant.scale_path(path)] = _placed(scale, s_target)
+        return out
+
+    def read(self, path: str, index: tuple[int, ...], dtype) -> np.ndarray:
+        if path.rsplit(".", 2)[-2:-1] == ["scales"]:
+            return self._slice(path.replace(".scales.", "."), index)[1]
+        if quant.is_quantized(self.cfg, path):
+            return self._slice(path, index)[0]
+        return self.inner.read(path, index, dtype)
+
+    def _slice(self, path: str, index: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(q, scales) of a weight's slice; the last one is kept, as its q and scales are read one after the
+        other."""
+        if self._last is None or self._last[0] != (path, index):
+            self._last = None  # the float slice and its quantised form are not held twice
+            self._last = (path, index), quant.quantize_slice(self.cfg, path, self.inner.read(path, index, np.float32))
+        return self._last[1]
+
+    def _whole(self, path: str, shape: tuple[int, ...]) -> np.ndarray:
+        device = jax.local_devices()[0]
+        target = jax.ShapeDtypeStruct(shape, np.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        return np.asarray(self.inner.arrays({path: target})[path])
+
+
+def _placed(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    return jax.make_array_from_callback(target.shape, target.sharding, lambda index: host[index])

@@ -19,7 +19,7 @@ from mixtral_jax.backends import Backend
 from mixtral_jax.backends.reference import at_index
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import Attention, Mode, RMSNorm, param
+from mixtral_jax.layers import Attention, Mode, RMSNorm, param, quantize_weights, weight
 from mixtral_jax.moe import MoE
 
 
@@ -31,9 +31,10 @@ class MLP(nnx.Module):
         self.w1 = param(rngs, (d, f), (sh.EMBED, sh.MLP), dt)
         self.w3 = param(rngs, (d, f), (sh.EMBED, sh.MLP), dt)
         self.w2 = param(rngs, (f, d), (sh.MLP, sh.EMBED), dt)
+        quantize_weights(self, cfg, ("w1", "w3", "w2"))
 
     def __call__(self, x: jax.Array, backend: Backend) -> tuple[jax.Array, None]:
-        w1, w3, w2 = (w[...].astype(x.dtype) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (weight(self, name, x.dtype) for name in ("w1", "w3", "w2"))
         h = jax.nn.silu(backend.dense("BTD,DF->BTF", x, w1)) * backend.dense("BTD,DF->BTF", x, w3)
         return backend.dense("BTF,FD->BTD", h, w2), None
 

@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import expert_parallel, quant
+from mixtral_jax import expert_parallel
 from mixtral_jax import sharding as sh
 from mixtral_jax.backends import Backend, Experts
 from mixtral_jax.backends.reference import per_choice
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.layers import param
+from mixtral_jax.layers import param, quantize_weights
 
 Dispatch = Callable[..., jax.Array]
 
@@ -69,18 +69,9 @@ def choose(impl: str, n_tokens: int, top_k: int, n_experts: int) -> Dispatch:
     return DISPATCH[impl]
 
 
-class Int8Scales(nnx.Module):
-    """Float32 scales of a MoE block's int8 expert weights, per expert and output column."""
-
-    def __init__(self, w1: jax.Array, w3: jax.Array, w2: jax.Array):
-        self.w1 = nnx.Param(w1, out_sharding=(sh.EXP, None, sh.MLP), eager_sharding=False)
-        self.w3 = nnx.Param(w3, out_sharding=(sh.EXP, None, sh.MLP), eager_sharding=False)
-        self.w2 = nnx.Param(w2, out_sharding=(sh.EXP, None, sh.EMBED), eager_sharding=False)
-
-
 class MoE(nnx.Module):
-    """Router plus E SwiGLU experts stored stacked in einsum layout; in int8 with their scales (`scales`) when
-    the config quantises them."""
+    """Router plus E SwiGLU experts stored stacked in einsum layout; quantised with their scales (`scales`)
+    when the config says so (`quant.py`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, e, f, dt = cfg.dim, cfg.n_experts, cfg.ffn_dim, cfg.param_dtype
@@ -88,15 +79,7 @@ class MoE(nnx.Module):
         self.w1 = param(rngs, (e, d, f), (sh.EXP, sh.EMBED, sh.MLP), dt)
         self.w3 = param(rngs, (e, d, f), (sh.EXP, sh.EMBED, sh.MLP), dt)
         self.w2 = param(rngs, (e, f, d), (sh.EXP, sh.MLP, sh.EMBED), dt)
-        scales = None
-        if cfg.quantize == "int8":
-            scales = {}
-            for name in ("w1", "w3", "w2"):
-                weight = getattr(self, name)
-                q, scales[name] = quant.quantize_int8(weight[...])
-                setattr(self, name, weight.replace(value=q))
-            scales = Int8Scales(**scales)
-        self.scales = scales
+        quantize_weights(self, cfg, ("w1", "w3", "w2"), lead=1)
         self.top_k = cfg.top_k
 
     def __call__(self, x: jax.Array, backend: Backend) -> tuple[jax.Array, jax.Array]:

@@ -30,13 +30,15 @@ CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100": 80, "h100": 80, "h20
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Per-device bytes of one (config, mesh, batch, max_len, dtype)."""
+    """Per-device bytes of one (config, mesh, batch, max_len, dtype, weight and KV cache formats)."""
 
     config: str
     mesh: dict[str, int]
     batch: int
     max_len: int
     dtype: str
+    quantize: str
+    kv_cache_dtype: str
     params_bytes: int
     cache_bytes: int
     temp_bytes: int  # XLA temporaries of the larger program
@@ -58,7 +60,8 @@ class MemoryPlan:
     def to_json(self, hbm_gb: float | None = None) -> dict[str, Any]:
         out = {
             "config": self.config, "mesh": self.mesh, "devices": self.devices, "batch": self.batch,
-            "max_len": self.max_len, "dtype": self.dtype, "param_count": self.param_count,
+            "max_len": self.max_len, "dtype": self.dtype, "quantize": self.quantize,
+            "kv_cache_dtype": self.kv_cache_dtype, "param_count": self.param_count,
             "per_device": {
                 "params_bytes": self.params_bytes, "cache_bytes": self.cache_bytes,
                 "temp_bytes": self.temp_bytes, "prefill_bytes": self.prefill_bytes,
@@ -78,8 +81,10 @@ def hbm_of(chip: str) -> float:
     return CHIPS[name]
 
 
-def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str = "bfloat16") -> MemoryPlan:
-    """The memory plan of preset (or config JSON path) `config` on mesh spec `mesh`.
+def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str = "bfloat16",
+         quantize: str = "none", kv_cache_dtype: str = "auto", quant_group: int = 128) -> MemoryPlan:
+    """The memory plan of preset (or config JSON path) `config` on mesh spec `mesh`, its large matrices in
+    `quantize`'s format (`quant.py`) and its KV cache in `kv_cache_dtype`.
 
     Compiles in a subprocess with the mesh's number of simulated CPU devices. Loop-invariant code motion is
     off there: the CPU compiler would otherwise hoist a float32 copy of every bfloat16 weight out of the
@@ -93,7 +98,7 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
     flags = (f"--xla_force_host_platform_device_count={n} "
              "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-    args = json.dumps([config, mesh, batch, max_len, dtype])
+    args = json.dumps([config, mesh, batch, max_len, dtype, quantize, kv_cache_dtype, quant_group])
     proc = subprocess.run([sys.executable, "-m", "mixtral_jax.plan", args], env=env, capture_output=True, text=True)
     if proc.returncode:  # one line from a ConfigError; the exception line of anything else
         lines = proc.stderr.strip().splitlines() or ["plan: the compiler process printed nothing"]
@@ -101,18 +106,21 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
     return MemoryPlan(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str) -> MemoryPlan:
+def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str, quantize: str,
+               kv_cache_dtype: str, quant_group: int) -> MemoryPlan:
     import jax
     import jax.numpy as jnp
 
-    from mixtral_jax import engine, model, prefill
+    from mixtral_jax import engine, model, prefill, quant
     from mixtral_jax import sharding as sh
     from mixtral_jax.backends import Backend
     from mixtral_jax.config import ModelConfig, preset
     from mixtral_jax.sampling import row_settings
 
     cfg = (ModelConfig.load(config) if config.endswith(".json") else preset(config)).with_dtype(dtype)
-    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len), kv_cache_dtype=kv_cache_dtype)
+    if quantize != "none":
+        cfg = quant.quantized_config(cfg, quantize, quant_group if quantize == "int4" else None, config)
     mesh = sh.make_mesh(mesh_spec)
     rules = sh.rules_for(cfg.n_kv_heads, mesh)
     backend = Backend()
@@ -143,7 +151,7 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
         decode = programs.decode.lower(graphdef, params, state, backend=backend, n=8, **static).compile()
 
     def per_device(tree) -> int:
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * quant.bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
 
     def program(compiled) -> tuple[int, int]:
         m = compiled.memory_analysis()
@@ -152,7 +160,8 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 
     (prefill_bytes, prefill_temp), (decode_bytes, decode_temp) = program(prefill_program), program(decode)
     return MemoryPlan(
-        config=config, mesh=dict(mesh.shape), batch=batch, max_len=max_len, dtype=dtype,
+        config=config, mesh=dict(mesh.shape), batch=batch, max_len=max_len, dtype=dtype, quantize=quantize,
+        kv_cache_dtype=kv_cache_dtype,
         params_bytes=per_device(params), cache_bytes=per_device(state.cache),
         temp_bytes=max(prefill_temp, decode_temp), prefill_bytes=prefill_bytes, decode_bytes=decode_bytes,
         param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)),

@@ -1,41 +1,159 @@
-"""Int8 weight-only quantisation: symmetric, round to nearest, one float32 scale per output channel.
+"""Weight-only quantisation: symmetric, round to nearest, float32 scales; and the int8 KV cache's rounding.
 
-Legend: the quantised matrices are [..., in, out] (einsum layout): `in` is contracted, the scales span the
-rest, [..., 1, out].
+Formats (`ModelConfig.quantize`):
+- `int8`: one scale per output channel (the scale spans every contracted axis);
+- `int4` (`jnp.int4`, values -7..7): one scale per group of `ModelConfig.quant_group` consecutive entries
+  along the contracted axes (flattened: `wo`'s N x H rows form groups across heads when a head is shorter
+  than a group).
 
-A model quantises its expert weights when its config says so (`ModelConfig.quantize = "int8"`: the MoE
-block then holds int8 w1, w3, w2 and their scales, `ffn.scales.w1` ...; `Mixtral.quantize` makes such a
-handle from a float one). A decode step reads a quarter of the expert bytes of float32, half of bfloat16;
-Mixtral 8x7B's experts take 45 GB instead of 90 GB in bfloat16. Backends multiply the scales back where
-they read the weights (the CPU backend multiplies few rows in int8 products).
+Every large matrix is quantised: the attention projections, the experts (or a dense model's MLP); the
+embeddings, norms, router and LM head keep their dtype. A quantised module stores its weights under their
+usual names, in int8 or int4 with the same shape and logical axes, and their scales in a `scales` submodule
+(`layers.attn.scales.wq`, `layers.ffn.scales.w1` ...): the scales have the weight's rank, each contracted
+axis shrunk to its number of groups, and keep the weight's axis names except on those axes, which are
+replicated (they are 1/group of the weight's rows at most).
+
+`dequantize` multiplies the scales back for any shapes of that kind, so the same code reads the checkpoint
+layout ([..., in, out]) and the CPU backend's output-major matrices ([out, in]). Weights are quantised
+while a checkpoint is converted or loaded (`convert --quantize`, `load(..., quantize=...)`), never after.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-INT8_MAX = 127.0
-CONTRACTED = -2  # the contracted axis of a weight [..., in, out]; its scales span the others
+from mixtral_jax.config import QUANTIZE, ModelConfig, stacked_axes
+from mixtral_jax.errors import ConfigError
 
-
-@jax.jit
-def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Weights [..., in, out] -> (int8 of the same shape, float32 scales [..., 1, out])."""
-    w = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=CONTRACTED, keepdims=True) / INT8_MAX
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(w / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+LEVELS = {"int8": 127.0, "int4": 7.0}
+STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
+SCALE_DTYPE = jnp.float32
+# How many leading axes each quantised weight contracts, past its stacked (layer, expert) axes.
+CONTRACTED = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1}
 
 
-class Int8(NamedTuple):
-    """An int8 output-major weight q [out, in] with its float32 scales [out, 1], read as `dtype`."""
+def quantized_config(cfg: ModelConfig, quantize: str, quant_group: int | None,
+                     source: str | os.PathLike = "the checkpoint") -> ModelConfig:
+    """`cfg` with its large matrices in `quantize`'s format (groups of `quant_group`, None: 128); a
+    ConfigError for an unknown format, a group that does not divide the weights, or weights that are
+    quantised already."""
+    if quantize not in QUANTIZE[1:]:
+        raise ConfigError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE[1:])}")
+    if cfg.quantize != "none":
+        raise ConfigError(f"{source}: its weights are already quantised ({cfg.quantize}); load it without "
+                           "quantising")
+    if quant_group is not None and quantize != "int4":
+        raise ConfigError(f"a group size applies to int4 only, not {quantize}")
+    return cfg.replace(quantize=quantize, quant_group=quant_group or ModelConfig.quant_group)
+
+
+def is_quantized(cfg: ModelConfig, path: str) -> bool:
+    """Whether the checkpoint-layout parameter `path` (`layers.attn.wq`) is a quantised weight under `cfg`."""
+    return (cfg.quantize != "none" and path.startswith("layers.") and ".scales." not in path
+            and path.rsplit(".", 1)[-1] in CONTRACTED)
+
+
+def scale_path(path: str) -> str:
+    """The path of a quantised weight's scales: `layers.attn.wq` -> `layers.attn.scales.wq`."""
+    parent, name = path.rsplit(".", 1)
+    return f"{parent}.scales.{name}"
+
+
+def quantize_slice(cfg: ModelConfig, path: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One (layer) or (layer, expert) slice of the weight `path` in `cfg.quantize`'s format: (q, scales) as host
+    arrays. Loading and converting both quantise through here, so they store the same values."""
+    name = path.rsplit(".", 1)[-1]
+    q, scale = quantize(jnp.asarray(w), cfg.quantize, 0, CONTRACTED[name], cfg.quant_group)
+    return np.asarray(q), np.asarray(scale)
+
+
+def stacked_slices(cfg: ModelConfig, path: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The (layer) or (layer, expert) indices a weight of `shape` is quantised slice by slice over."""
+    return list(itertools.product(*map(range, shape[:stacked_axes(cfg, path)])))
+
+
+class QTensor(NamedTuple):
+    """A quantised weight q with its float32 scales (the weight's rank, contracted axes shrunk to their
+    groups), read as `dtype`."""
 
     q: jax.Array
     scale: jax.Array
     dtype: Any
 
     def dequantized(self) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(self.dtype)
+        return dequantize(self.q, self.scale, self.dtype)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """q times its scales, each scale repeated over the entries of its group, in `dtype`."""
+    for axis, (n, s) in enumerate(zip(q.shape, scale.shape)):
+        if n != s:
+            scale = jnp.repeat(scale, n // s, axis=axis)
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def group_shape(contracted: tuple[int, ...], group: int) -> tuple[int, ...]:
+    """The contracted axes' sizes in the scales: their N / group groups (flattened in order) laid out over
+    the same axes, the last axes first."""
+    shape = []
+    for size in reversed(contracted):
+        if group >= size:
+            shape.append(1)
+            group //= size
+        else:
+            shape.append(size // group)
+            group = 1
+    return tuple(reversed(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "lead", "contracted", "group"))
+def quantize(w: jax.Array, fmt: str, lead: int, contracted: int, group: int) -> tuple[jax.Array, jax.Array]:
+    """Weights [*lead axes, *contracted axes, *output axes] -> (q of the same shape in `fmt`'s storage
+    dtype, float32 scales of `scale_shape`). int8: a scale per output channel; int4: per `group` entries."""
+    w = w.astype(jnp.float32)
+    shape = w.shape
+    csizes = shape[lead:lead + contracted]
+    n = math.prod(csizes)
+    g = n if fmt == "int8" else group
+    grouped = w.reshape(shape[:lead] + (n // g, g) + shape[lead + contracted:])
+    levels = LEVELS[fmt]
+    scale = jnp.max(jnp.abs(grouped), axis=lead + 1, keepdims=True) / levels
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(grouped / scale), -levels, levels).astype(STORAGE[fmt]).reshape(shape)
+    return q, scale.reshape(scale_shape(shape, fmt, lead, contracted, group)).astype(SCALE_DTYPE)
+
+
+def scale_shape(shape: tuple[int, ...], fmt: str, lead: int, contracted: int, group: int) -> tuple[int, ...]:
+    csizes = tuple(shape[lead:lead + contracted])
+    groups = (1,) * contracted if fmt == "int8" else group_shape(csizes, group)
+    return tuple(shape[:lead]) + groups + tuple(shape[lead + contracted:])
+
+
+def bits(dtype) -> int:
+    """Bits of one entry of `dtype` (int4: 4)."""
+    return jax.dtypes.itemsize_bits(jnp.dtype(dtype))
+
+
+# ---- the int8 KV cache ------------------------------------------------------------------------------------
+
+
+def quantize_kv(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Keys or values -> (int8, float32 scales with `axis` (the head dim) dropped): one scale per token and
+    KV head."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / LEVELS["int8"]
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(x / scale), -LEVELS["int8"], LEVELS["int8"]).astype(jnp.int8)
+    return q, jnp.squeeze(scale, axis)
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array, axis: int, dtype) -> jax.Array:
+    return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)

@@ -4,8 +4,10 @@ Usage: python -m tests.mesh_worker SPEC...
 Prints one JSON line per mesh (one device first, spec "") with the log-probs of fixed prompts and the
 greedy tokens of `generate` for a ragged batch; one line per model whose KV heads the tensor axis does not
 divide, with its greedy tokens on one device and on the mesh; one line for a `jax.make_mesh` mesh of our axes
-only; then one line per MoE strategy and backend with the largest difference between its expert-parallel run
-on `expert=4,tensor=2` and the single-device reference dispatch.
+only; one line with the demo model's log-probs and greedy tokens, int4 weights quantised while loading and an
+int8 KV cache, on one device and on `tensor=2,expert=4`; then one line per MoE strategy and backend with the
+largest difference between its expert-parallel run on `expert=4,tensor=2` and the single-device reference
+dispatch.
 """
 
 import json
@@ -21,7 +23,7 @@ def main(specs: list[str]) -> None:
     import jax
 
     import mixtral_jax
-    from mixtral_jax import config
+    from mixtral_jax import config, demo
 
     cfg = config.preset("tiny").replace(vocab_size=128, dtype="float32", param_dtype="float32")
     ids = np.array([PROMPTS[0], PROMPTS[0][::-1]])
@@ -39,6 +41,12 @@ def main(specs: list[str]) -> None:
     theirs = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
     print(json.dumps({"jax_mesh": mixtral_jax.init_random(cfg, seed=0, mesh=theirs).generate(
         PROMPTS, NEW_TOKENS, stop_at_eos=False)}), flush=True)
+    quantized = []
+    for spec in (None, "tensor=2,expert=4"):  # int4 weights quantised while loading, an int8 KV cache
+        model = demo.load(mesh=spec, quantize="int4", kv_cache_dtype="int8")
+        quantized.append({"logprobs": np.asarray(jax.nn.log_softmax(model.logits(ids))).tolist(),
+                          "tokens": model.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)})
+    print(json.dumps({"quantized": quantized}), flush=True)
     for impl, err in expert_parallel_errors("expert=4,tensor=2").items():
         print(json.dumps({"strategy": impl, "max_abs_err": err}), flush=True)
 
@@ -63,7 +71,7 @@ def expert_parallel_errors(spec: str) -> dict[str, float]:
     w2 = jax.random.normal(keys[4], (e, f, d)) / f**0.5
     reference = backends.Backend()
     experts = backends.Experts(w1, w3, w2, None)
-    quantised = [quant.quantize_int8(w) for w in (w1, w3, w2)]
+    quantised = [quant.quantize(w, "int8", 1, 1, 128) for w in (w1, w3, w2)]
     int8 = backends.Experts(*(q for q, _ in quantised), tuple(s for _, s in quantised))
     expected = {False: moe.reference(reference, x, weights, ids, experts),
                 True: moe.reference(reference, x, weights, ids, int8)}

@@ -63,7 +63,8 @@ def test_cli_score_json_is_within_2e_4_of_transformers_logprobs(capsys, hf_mixtr
 @pytest.fixture(scope="module")
 def default_model():
     """The built-in default model, made once for the tests that run it in this process."""
-    return _common.load_model(argparse.Namespace(checkpoint=None, dtype=None, mesh=None, backend=None))
+    return _common.load_model(argparse.Namespace(checkpoint=None, dtype=None, mesh=None, backend=None, quantize=None,
+                                                 quant_group=None, kv_cache_dtype=None))
 
 
 @pytest.fixture(scope="module")

@@ -120,12 +120,18 @@ def _materialised(hlo: str, ops: bool = False) -> list:
     return found
 
 
-def test_split_int8_equals_stacked_int8(models):
-    split_model, stacked = (m.quantize() for m in models)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_split_quantized_equals_stacked(fmt):
+    """The split layout's quantised weights (int8 products at few rows, int4 dequantised) against the stacked
+    layout's dequantised ones."""
+    cfg = CFG.replace(quantize=fmt, quant_group=32)
+    split_model = mixtral_jax.init_random(cfg, seed=3, backend=SPLIT)
+    stacked = split_model.with_backend(STACKED)
     ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, 16))
     assert isinstance(split_model.params["layers"]["ffn"]["scales"]["w2"].get_value()[0], tuple)
-    assert stacked.params["layers"]["ffn"]["scales"]["w2"].get_value().shape == (CFG.n_layers, CFG.n_experts, 1,
-                                                                                  CFG.dim)
+    groups = 1 if fmt == "int8" else CFG.ffn_dim // 32
+    assert stacked.params["layers"]["ffn"]["scales"]["w2"].get_value().shape == (CFG.n_layers, CFG.n_experts,
+                                                                                  groups, CFG.dim)
     np.testing.assert_allclose(split_model.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
     assert split_model.generate([PROMPTS[0]], 8) == stacked.generate([PROMPTS[0]], 8)
 

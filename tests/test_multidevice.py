@@ -25,7 +25,8 @@ def mesh_results():
     errors = {r["strategy"]: r["max_abs_err"] for r in lines if "strategy" in r}
     kv_runs = [line for line in lines if "kv_heads" in line]
     jax_mesh = next(r["jax_mesh"] for r in lines if "jax_mesh" in r)
-    return single, {r["mesh"]: r for r in results}, errors, kv_runs, jax_mesh
+    quantized = next(r["quantized"] for r in lines if "quantized" in r)
+    return single, {r["mesh"]: r for r in results}, errors, kv_runs, jax_mesh, quantized
 
 
 @pytest.mark.slow
@@ -51,7 +52,7 @@ def test_every_strategy_runs_expert_parallel_and_equals_reference(mesh_results, 
 @pytest.mark.multidevice
 def test_kv_heads_the_tensor_axis_does_not_divide_are_replicated(mesh_results):
     """1 KV head on tensor=2 and 2 KV heads on tensor=4: the single-device greedy tokens."""
-    *_, kv_runs, _ = mesh_results
+    *_, kv_runs, _, _ = mesh_results
     assert [(r["kv_heads"], r["mesh"]) for r in kv_runs] == [(1, "tensor=2,expert=4"), (2, "tensor=4,expert=2")]
     for run in kv_runs:
         assert run["tokens"] == run["single"]
@@ -61,5 +62,15 @@ def test_kv_heads_the_tensor_axis_does_not_divide_are_replicated(mesh_results):
 @pytest.mark.multidevice
 def test_a_jax_mesh_of_some_of_our_axes_is_accepted(mesh_results):
     """`jax.make_mesh((8,), ("expert",))` with Explicit axes: the single-device greedy tokens."""
-    single, *_, tokens = mesh_results
+    single, *_, tokens, _ = mesh_results
     assert tokens == single["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_int4_weights_quantized_while_loading_shard_like_one_device(mesh_results):
+    """The demo model, int4 weights quantised as they are read into `tensor=2,expert=4` shardings (scales
+    included) and an int8 KV cache: one device's log-probs within 1e-4 and its greedy tokens."""
+    one, mesh = mesh_results[-1]
+    np.testing.assert_allclose(mesh["logprobs"], one["logprobs"], atol=1e-4, rtol=0)
+    assert mesh["tokens"] == one["tokens"]

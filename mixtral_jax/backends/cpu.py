@@ -7,7 +7,7 @@ XLA:CPU copies any slice of an array before a matmul reads it, so a scan over st
 experts picked out of [E, D, F] copy every weight a step reads: a decode step would move each byte three
 times instead of once. The split layout (`split`, chosen for one CPU device once the layer weights outgrow
 the caches) holds each layer's weights, and each expert's, in buffers of their own: the layers run
-unrolled, the expert matrices (and their int8 scales) are tuples of E output-major arrays [out, in], the LM
+unrolled, the expert matrices (and their scales) are tuples of E output-major arrays [out, in], the LM
 head is output-major [V, D], and every matmul reads its weights where they lie. It is the only copy the
 handle holds (`place` builds it slice by slice). The checkpoint layout stays the public one: checkpoints,
 training, export and expert parallelism use stacked weights (`split=False`).
@@ -17,8 +17,8 @@ bfloat16 result widens its weights to float32 on every call (products accumulate
 bfloat16 row multiplies in a generic loop (it runs as two); a bfloat16 table is widened whole for a gather
 (gathered as raw bits); a loop-carried buffer is copied twice a step without region analysis; a 16-bit
 cache buffer is widened whole for each write (the split cache of a 16-bit model is float32, which holds its
-values exactly); a few rows multiply faster by an output-major matrix in column form; int8 weights are
-dequantised whole before a float product (few rows meet them in int8 products, `int8_times`).
+values exactly); a few rows multiply faster by an output-major matrix in column form; quantised weights are
+dequantised whole before a float product (few rows meet int8 ones in int8 products, `int8_times`).
 docs/performance.md has the measurements.
 """
 
@@ -111,9 +111,17 @@ class CpuBackend(reference.Backend):
 
     # ---- products -----------------------------------------------------------------------------------------
 
-    def dense(self, spec: str, x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+    def dense(self, spec: str, x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
         """Accumulated in float32 (XLA:CPU widens the weights of a bfloat16 product with a bfloat16 result on
-        every call); a lone bfloat16 row runs as two."""
+        every call); a lone bfloat16 row runs as two. An int8 weight [in, ...] meets up to INT8_ROWS rows
+        x [B, T, in] in int8 products (`int8_times`), as the experts do."""
+        inputs = spec.split("->")[0].split(",")
+        if (isinstance(w, quant.QTensor) and w.q.dtype == jnp.int8 and x.shape[0] * x.shape[1] <= INT8_ROWS
+                and len(inputs[0]) == 3 and inputs[0][-1] == inputs[1][0]):
+            b, t, n = x.shape
+            flat = quant.QTensor(w.q.reshape(n, -1), w.scale.reshape(1, -1), w.dtype)
+            y = int8_times(x.reshape(b * t, n), flat, in_major=True)
+            return y.reshape((b, t) + w.q.shape[1:]).astype(dtype or x.dtype)
         if lone_bf16_row(x.shape[0] * x.shape[1], x.dtype):
             return self.dense(spec, jnp.concatenate([x, x]), w, dtype)[:1]
         return super().dense(spec, x, w, dtype)
@@ -149,24 +157,23 @@ class CpuBackend(reference.Backend):
             return super().run_layers(body, x, layers, kv, keep)
         is_layers = _is_per_layer  # each split leaf is a tuple of L per-layer values
         n_layers = len(jax.tree.leaves(layers, is_leaf=is_layers)[0])
-        new_k, new_v, router_logits = [], [], []
+        new_kv, router_logits = [], []
         for i in range(n_layers):
             state = jax.tree.map(lambda leaf: leaf[i], layers, is_leaf=is_layers)
-            layer_kv = None if kv is None else LayerCache(kv.k[i], kv.v[i])
+            layer_kv = None if kv is None else kv.layer(i)
             x, layer_kv, logits = body(x, state, layer_kv, keep if i == n_layers - 1 else None)
             if kv is not None:
-                new_k.append(layer_kv.k)
-                new_v.append(layer_kv.v)
+                new_kv.append(dataclasses.astuple(layer_kv))
             router_logits.append(logits)
-        kv = None if kv is None else LayerCache(tuple(new_k), tuple(new_v))
+        kv = None if kv is None else LayerCache(*(None if f[0] is None else tuple(f) for f in zip(*new_kv)))
         stacked = None if router_logits[0] is None or keep is not None else jnp.stack(router_logits)
         return x, kv, stacked
 
     # ---- the KV cache and attention -----------------------------------------------------------------------
 
     def cache_dtype(self, cfg: ModelConfig):
-        """A split cache of a 16-bit model is float32 (see the module docstring)."""
-        if self.split and jnp.dtype(cfg.dtype).itemsize == 2:
+        """A split cache of a 16-bit model is float32 (see the module docstring), unless it is int8."""
+        if self.split and jnp.dtype(cfg.dtype).itemsize == 2 and cfg.kv_cache_dtype == "auto":
             return jnp.dtype(jnp.float32)
         return super().cache_dtype(cfg)
 
@@ -175,9 +182,11 @@ class CpuBackend(reference.Backend):
         copied)."""
         if not self.split:
             return super().new_cache(cfg, batch, slots)
-        dtype = self.cache_dtype(cfg)
-        return LayerCache(*(tuple(reference.cache_zeros(cfg, spec, batch, slots, dtype, stacked=False)
-                                  for _ in range(cfg.n_layers)) for spec in self.kv_layout))
+        stacked = super().new_cache(cfg, 1, 1)  # which buffers, and their dtypes and layouts
+        specs = list(self.kv_layout) + [reference._scale_spec(spec) for spec in self.kv_layout]
+        return LayerCache(*(None if f is None else tuple(
+            reference.cache_zeros(cfg, spec, batch, slots, f.dtype, stacked=False) for _ in range(cfg.n_layers))
+            for spec, f in zip(specs, dataclasses.astuple(stacked))))
 
     def self_attention(self, q, q_pos, k, v, positions, window):
         return attend(q, [(*_own(k, v), attention_mask(q_pos, positions, window))], self.kv_layout)
@@ -189,14 +198,15 @@ class CpuBackend(reference.Backend):
     def extend_attention(self, q, q_pos, k, v, positions, kv, slots, slot_pos, window):
         kv = self.write(kv, k, v, slots)
         dtype = q.dtype  # the split cache of a 16-bit model is float32
-        return attend_blocks(q, kv.k.astype(dtype), kv.v.astype(dtype), q_pos, slot_pos, window, self.kv_layout), kv
+        k_all, v_all = (a.astype(dtype) for a in self.read(kv, dtype))
+        return attend_blocks(q, k_all, v_all, q_pos, slot_pos, window, self.kv_layout), kv
 
     def decode_attention(self, q, q_pos, k, v, positions, kv, slots, slot_pos, window):
         """The token attends to the cache as it was (less the slot it takes) and to itself, so the write does
         not have to precede (and copy) the reads."""
         cached = attention_mask(q_pos, slot_pos, window) & (jnp.arange(slot_pos.shape[1]) != slots)[:, None]
         own = attention_mask(q_pos, positions, window)
-        out = attend(q, [(kv.k, kv.v, cached), (*_own(k, v), own)], self.kv_layout)  # in the cache dtype
+        out = attend(q, [(*self.read(kv, q.dtype), cached), (*_own(k, v), own)], self.kv_layout)  # in the cache dtype
         return out, self.write(kv, k, v, slots)
 
     # ---- experts ------------------------------------------------------------------------------------------
@@ -266,14 +276,14 @@ def lone_bf16_row(rows: int, dtype) -> bool:
     return rows == 1 and dtype == jnp.bfloat16
 
 
-def times(x: jax.Array, w: jax.Array | quant.Int8, dtype=None) -> jax.Array:
+def times(x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
     """x [M, in] times an output-major w [out, in] -> [M, out], accumulated in float32 and returned in
     `dtype` (default x's): few rows in column form (w @ x.T, the output transposed after a barrier, which XLA
     would fold into row form), many in row form; a lone bfloat16 row as two. Int8 weights meet up to
-    INT8_ROWS rows in int8 products (`int8_times`), more dequantised."""
+    INT8_ROWS rows in int8 products (`int8_times`), more rows meet them dequantised, as int4 ones always."""
     dtype = dtype or x.dtype
-    if isinstance(w, quant.Int8):
-        if len(x) <= INT8_ROWS:
+    if isinstance(w, quant.QTensor):
+        if len(x) <= INT8_ROWS and w.q.dtype == jnp.int8:
             return int8_times(x, w).astype(dtype)
         w = w.dequantized()
     if lone_bf16_row(len(x), x.dtype):
@@ -284,8 +294,9 @@ def times(x: jax.Array, w: jax.Array | quant.Int8, dtype=None) -> jax.Array:
     return jax.lax.optimization_barrier(column).T.astype(dtype)
 
 
-def int8_times(x: jax.Array, w: quant.Int8) -> jax.Array:
-    """x [M, in] times int8 w [out, in] -> [M, out] float32, as int8 products: each row of x becomes DIGITS
+def int8_times(x: jax.Array, w: quant.QTensor, in_major: bool = False) -> jax.Array:
+    """x [M, in] times int8 w [out, in] (scales [out, 1]; `in_major`: w [in, out], scales [1, out]) -> [M, out]
+    float32, as int8 products: each row of x becomes DIGITS
     int8 rows, each the rounding error of the ones before in a step 254x finer (so the sum of digits times
     steps is x to 1e-7 of its largest entry), multiplied by q in one int32 product ([DIGITS * M, in]: no
     lone row either) and added back with the steps and w's scales. Sums stay in int32 for in < 2^31 /
@@ -300,9 +311,10 @@ def int8_times(x: jax.Array, w: quant.Int8) -> jax.Array:
         digits.append(digit.astype(jnp.int8))
         steps.append(step)
         x, step = x - digit * step, step / (2 * INT8_MAX)
-    column = jnp.einsum("OI,RI->OR", w.q, jnp.concatenate(digits), preferred_element_type=jnp.int32)
+    column = jnp.einsum("IO,RI->OR" if in_major else "OI,RI->OR", w.q, jnp.concatenate(digits),
+                        preferred_element_type=jnp.int32)
     y = jax.lax.optimization_barrier(column).T.astype(jnp.float32) * jnp.concatenate(steps)  # [DIGITS * M, out]
-    return jnp.sum(y.reshape(DIGITS, -1, y.shape[-1]), axis=0) * w.scale.T
+    return jnp.sum(y.reshape(DIGITS, -1, y.shape[-1]), axis=0) * (w.scale if in_major else w.scale.T)
 
 
 # ---- the grouped expert FFN -------------------------------------------------------------------------------
@@ -312,7 +324,7 @@ def blocked_ffn(xs: jax.Array, group_sizes: jax.Array, expert: Callable[[int, An
                 bf16: str | None) -> jax.Array:
     """`reference.ragged_ffn` for XLA:CPU: each expert with rows multiplies them in blocks, reading its
     weights once, output-major (`expert(e, dtype)` -> its w1, w3 [F, D] and w2 [D, F], arrays or
-    `quant.Int8`). Blocks come in a few sizes C (`block_sizes`), largest first: as many of a size as the rows
+    `quant.QTensor`). Blocks come in a few sizes C (`block_sizes`), largest first: as many of a size as the rows
     left fill, one more when the rest is more than the next size holds (rows past the group masked), the
     smallest size rounding up. Rows past the groups (the sentinel id E) stay zero. Products take bfloat16
     operands where the CPU multiplies them (`bf16`; with AVX512_BF16 only for blocks of prefill size,
@@ -352,7 +364,7 @@ def blocked_ffn(xs: jax.Array, group_sizes: jax.Array, expert: Callable[[int, An
 
     def used_expert(e, ys):
         w = expert(e, operand)
-        dense = tuple(_dense_weight(m) for m in w)  # int8 ones dequantised once, for blocks of many rows
+        dense = tuple(_dense_weight(m) for m in w)  # quantised ones dequantised once, for blocks of many rows
         first = jnp.int32(0)
         for i, block in enumerate(sizes):
             left = jnp.maximum(group_sizes[e] - first, 0)
@@ -415,7 +427,7 @@ _trainable_blocked_ffn.defvjp(_trainable_fwd, _trainable_bwd)
 def _split_leaf(cfg: ModelConfig, path: str, part: Callable[[tuple[int, ...]], jax.Array],
                 output_major: Callable[[jax.Array], jax.Array]) -> Any:
     """A checkpoint-layout leaf in the split layout, from `part(index)` (its slice at a stacked index): layer
-    weights as a tuple of L buffers, expert matrices (and their int8 scales) a tuple of L tuples of E
+    weights as a tuple of L buffers, expert matrices (and their scales) a tuple of L tuples of E
     output-major buffers, the LM head output-major, the rest whole."""
     axes = stacked_axes(cfg, path)
     if path == "lm_head":
@@ -438,16 +450,16 @@ def _transposed(w: jax.Array) -> jax.Array:
 
 
 def _expert(experts: Experts, e: int, dtype) -> tuple[Any, Any, Any]:
-    """Split expert e's w1, w3 [F, D] and w2 [D, F] read as `dtype`: arrays, or `quant.Int8` with their scales
-    [out, 1]. Called where a branch multiplies by them, so that only that expert is cast."""
+    """Split expert e's w1, w3 [F, D] and w2 [D, F] read as `dtype`: arrays, or `quant.QTensor` with their scales
+    [out, groups]. Called where a branch multiplies by them, so that only that expert is cast."""
     if experts.scales is None:
         return tuple(w[e].astype(dtype) for w in experts[:3])
-    return tuple(quant.Int8(w[e], s[e], dtype) for w, s in zip(experts[:3], experts.scales))
+    return tuple(quant.QTensor(w[e], s[e], dtype) for w, s in zip(experts[:3], experts.scales))
 
 
-def _dense_weight(w: jax.Array | quant.Int8) -> jax.Array:
-    """A weight as an array (int8 ones dequantised)."""
-    return w.dequantized() if isinstance(w, quant.Int8) else w
+def _dense_weight(w: jax.Array | quant.QTensor) -> jax.Array:
+    """A weight as an array (quantised ones dequantised)."""
+    return w.dequantized() if isinstance(w, quant.QTensor) else w
 
 
 def _own(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

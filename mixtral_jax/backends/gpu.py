@@ -56,8 +56,9 @@ class GpuBackend(reference.Backend):
         kv = self.write(kv, k, v, slots)
         seen = jnp.maximum(q_pos[:, 0] + 1, 1).astype(jnp.int32)  # slots 0..position; a finished row reads one
         b, t, n, h = q.shape
+        k_all, v_all = (a.astype(q.dtype) for a in self.read(kv, q.dtype))
         out = jax.nn.dot_product_attention(
-            q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), query_seq_lengths=jnp.ones((b,), jnp.int32),
+            q, k_all, v_all, query_seq_lengths=jnp.ones((b,), jnp.int32),
             key_value_seq_lengths=seen, implementation=self._implementation())
         return out.reshape(b, t, n * h), kv
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax import quant
 from mixtral_jax import sharding as sh
 from mixtral_jax.backends.attention import TOKEN_MAJOR, KVLayout, attend, attend_blocks, attention_mask
 from mixtral_jax.config import ModelConfig
@@ -31,7 +32,7 @@ _KV_AXES = {"B": sh.BATCH, "S": sh.CACHE_LENGTH, "K": sh.ACT_KV_HEADS, "H": sh.H
 
 class Experts(NamedTuple):
     """One MoE layer's expert weights as a backend holds them: in the checkpoint layout w1, w3 [E, D, F] and
-    w2 [E, F, D], with float32 scales [E, 1, out] each when they are int8 (`quant.py`), else None."""
+    w2 [E, F, D], with their float32 scales each when they are quantised (`quant.py`), else None."""
 
     w1: Any
     w3: Any
@@ -42,10 +43,17 @@ class Experts(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's cached keys and values, in the backend's `kv_layout`."""
+    """One layer's cached keys and values, in the backend's `kv_layout`; with an int8 cache, their float32
+    scales per token and KV head (the layout less H), else None."""
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer i of a cache held as one buffer a layer (tuples)."""
+        return LayerCache(*(None if f is None else f[i] for f in dataclasses.astuple(self)))
 
 
 class Reader(Protocol):
@@ -99,9 +107,11 @@ class Backend:
 
     # ---- products -----------------------------------------------------------------------------------------
 
-    def dense(self, spec: str, x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+    def dense(self, spec: str, x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
         """`einsum(spec, x, w)` for activations x [B, T, ...] and a weight, accumulated in float32 and returned
-        in `dtype` (default x's)."""
+        in `dtype` (default x's); a quantised weight is dequantised, then multiplied."""
+        if isinstance(w, quant.QTensor):
+            w = w.dequantized()
         return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
     def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -138,16 +148,35 @@ class Backend:
     # ---- the KV cache and attention -----------------------------------------------------------------------
 
     def cache_dtype(self, cfg: ModelConfig):
-        return jnp.dtype(cfg.dtype)
+        return jnp.dtype(jnp.int8 if cfg.kv_cache_dtype == "int8" else cfg.dtype)
 
     def new_cache(self, cfg: ModelConfig, batch: int, slots: int) -> LayerCache:
-        """Zeroed keys and values of every layer, [L, ...] in `kv_layout`."""
+        """Zeroed keys and values of every layer, [L, ...] in `kv_layout` (and their scales for int8)."""
         dtype = self.cache_dtype(cfg)
-        return LayerCache(*(cache_zeros(cfg, spec, batch, slots, dtype, stacked=True) for spec in self.kv_layout))
+        kv = [cache_zeros(cfg, spec, batch, slots, dtype, stacked=True) for spec in self.kv_layout]
+        if dtype == jnp.int8:
+            kv += [cache_zeros(cfg, _scale_spec(spec), batch, slots, jnp.float32, stacked=True)
+                   for spec in self.kv_layout]
+        return LayerCache(*kv)
 
     def write(self, kv: LayerCache, k: jax.Array, v: jax.Array, slots: jax.Array) -> LayerCache:
-        """A layer's cache with new keys and values k, v [B, T, K, H] at slots [B, T] (out of range: dropped)."""
-        return LayerCache(_scatter(kv.k, k, slots, self.kv_layout.k), _scatter(kv.v, v, slots, self.kv_layout.v))
+        """A layer's cache with new keys and values k, v [B, T, K, H] at slots [B, T] (out of range: dropped);
+        an int8 cache stores them rounded, with a scale per token and KV head."""
+        ks, vs = self.kv_layout
+        if kv.k_scale is None:
+            return LayerCache(_scatter(kv.k, k, slots, ks), _scatter(kv.v, v, slots, vs))
+        (k, k_scale), (v, v_scale) = quant.quantize_kv(k, -1), quant.quantize_kv(v, -1)
+        return LayerCache(_scatter(kv.k, k, slots, ks), _scatter(kv.v, v, slots, vs),
+                          _scatter(kv.k_scale, k_scale, slots, _scale_spec(ks)),
+                          _scatter(kv.v_scale, v_scale, slots, _scale_spec(vs)))
+
+    def read(self, kv: LayerCache, dtype) -> tuple[jax.Array, jax.Array]:
+        """A layer's keys and values to attend to: as held, or an int8 cache's multiplied back into `dtype`."""
+        if kv.k_scale is None:
+            return kv.k, kv.v
+        ks, vs = self.kv_layout
+        return (quant.dequantize_kv(kv.k, kv.k_scale, ks.index("H"), dtype),
+                quant.dequantize_kv(kv.v, kv.v_scale, vs.index("H"), dtype))
 
     def insert_rows(self, kv: LayerCache, rows: LayerCache, at: jax.Array) -> LayerCache:
         """`kv` with the batch rows of `rows` (a cache of as many slots and fewer rows) written from row `at`,
@@ -159,8 +188,10 @@ class Backend:
                 return insert_rows(big, small.astype(big.dtype), at, axis)
             return one
 
-        return LayerCache(jax.tree.map(put(self.kv_layout.k), kv.k, rows.k),
-                          jax.tree.map(put(self.kv_layout.v), kv.v, rows.v))
+        ks, vs = self.kv_layout
+        specs = (ks, vs, _scale_spec(ks), _scale_spec(vs))
+        return LayerCache(*(None if big is None else jax.tree.map(put(spec), big, small)
+                            for spec, big, small in zip(specs, dataclasses.astuple(kv), dataclasses.astuple(rows))))
 
     def self_attention(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                        window: int | None) -> jax.Array:
@@ -183,19 +214,19 @@ class Backend:
         """A chunk after others: its keys are written, then it attends to the cache (slot positions after the
         write `slot_pos` [B, S]) in blocks up to its last position."""
         kv = self.write(kv, k, v, slots)
-        return attend_blocks(q, kv.k, kv.v, q_pos, slot_pos, window, self.kv_layout), kv
+        return attend_blocks(q, *self.read(kv, q.dtype), q_pos, slot_pos, window, self.kv_layout), kv
 
     def decode_attention(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                          kv: LayerCache, slots: jax.Array, slot_pos: jax.Array,
                          window: int | None) -> tuple[jax.Array, LayerCache]:
         """One token per row: written, then attending to every slot it may see."""
         kv = self.write(kv, k, v, slots)
-        return attend(q, [(kv.k, kv.v, attention_mask(q_pos, slot_pos, window))], self.kv_layout), kv
+        return attend(q, [(*self.read(kv, q.dtype), attention_mask(q_pos, slot_pos, window))], self.kv_layout), kv
 
     # ---- experts ------------------------------------------------------------------------------------------
 
     def expert_arrays(self, experts: Experts, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """w1, w3 [E, D, F] and w2 [E, F, D] in `dtype`; int8 ones multiplied back by their scales."""
+        """w1, w3 [E, D, F] and w2 [E, F, D] in `dtype`; quantised ones multiplied back by their scales."""
         scales = experts.scales or (None,) * 3
         return tuple(_dequantized(w, s, dtype) for w, s in zip(experts[:3], scales))
 
@@ -221,6 +252,11 @@ def cache_zeros(cfg: ModelConfig, spec: str, batch: int, slots: int, dtype, stac
     if stacked:
         shape, axes = (cfg.n_layers, *shape), (sh.LAYERS, *axes)
     return sh.constrain(jnp.zeros(shape, dtype), axes)
+
+
+def _scale_spec(spec: str) -> str:
+    """The axes of an int8 cache's scales: the keys' or values' less the head dim."""
+    return spec.replace("H", "")
 
 
 def per_choice(x: jax.Array, expert_ids: jax.Array, n_experts: int,
@@ -249,7 +285,7 @@ def at_index(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _dequantized(w: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
-    return (w if scale is None else w.astype(jnp.float32) * scale).astype(dtype)
+    return w.astype(dtype) if scale is None else quant.dequantize(w, scale, dtype)
 
 
 def _scatter(cache: jax.Array, new: jax.Array, slots: jax.Array, spec: str) -> jax.Array:

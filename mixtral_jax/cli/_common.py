@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from mixtral_jax import distributed
 from mixtral_jax.cli import _args
-from mixtral_jax.config import DTYPES
+from mixtral_jax.config import DTYPES, KV_CACHE_DTYPES, QUANTIZE
 from mixtral_jax.errors import MixtralError
 
 if TYPE_CHECKING:
@@ -26,6 +26,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help='device mesh, e.g. "expert=4,tensor=2" (default: one device)')
     p.add_argument("--backend", choices=("reference", "cpu", "gpu", "tpu"),
                    help="how the model runs (default: the platform's; docs/backends.md)")
+    p.add_argument("--quantize", choices=QUANTIZE[1:],
+                   help="quantise a 16-bit checkpoint's attention and expert weights while loading "
+                        "(docs/quantization.md; default: as stored)")
+    p.add_argument("--quant-group", type=_args.positive_int, metavar="N",
+                   help="int4: entries per scale along the contracted dimension (default 128)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="int8: keys and values in int8 with a scale per token and KV head (default auto: the "
+                        "compute dtype)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load a Hugging Face or Mistral folder whose weights hold NaN or inf (refused by default)")
     distributed.add_distributed_args(p)
@@ -53,10 +61,11 @@ def load_model(args: argparse.Namespace) -> Mixtral:
     import mixtral_jax
     from mixtral_jax import demo
 
+    options = dict(quantize=args.quantize, quant_group=args.quant_group, kv_cache_dtype=args.kv_cache_dtype)
     if args.checkpoint is not None:
         return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh, backend=args.backend,
-                                allow_non_finite=args.allow_non_finite)
-    model = demo.load(dtype=args.dtype, mesh=args.mesh, backend=args.backend)
+                                allow_non_finite=args.allow_non_finite, **options)
+    model = demo.load(dtype=args.dtype, mesh=args.mesh, backend=args.backend, **options)
     note(f"no --checkpoint given: running {demo.NAME}")
     return model
 

@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=_args.path,
                    help="model folder to create (written beside it, renamed into place when complete)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="storage dtype (default: the source's)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="store the attention and expert weights quantised (docs/quantization.md)")
+    p.add_argument("--quant-group", type=_args.positive_int, metavar="N",
+                   help="int4: entries per scale along the contracted dimension (default 128)")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it exists and is a folder mixtral-jax wrote, holding nothing else, "
                         "that neither is nor holds the source")
@@ -32,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
 
     # A progress bar only on a terminal: in a log or a pipe it would be lines of carriage returns.
     print(convert(args.source, args.output, dtype=args.dtype, force=args.force, progress=sys.stderr.isatty(),
-                  allow_non_finite=args.allow_non_finite))
+                  allow_non_finite=args.allow_non_finite, quantize=args.quantize, quant_group=args.quant_group))
     return 0

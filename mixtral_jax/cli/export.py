@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixtral_jax import api, outputs
-    from mixtral_jax.convert.export_hf import export
+    from mixtral_jax import api, loading, outputs
+    from mixtral_jax.convert.export_hf import check_exportable, export
     from mixtral_jax.errors import CheckpointError
     from mixtral_jax.train import tokenizer_file
 
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.hf_folder).exists() and not args.force:
         raise CheckpointError(f"{args.hf_folder}: already exists (pass --force to replace it)")
     outputs.check_replaceable(args.hf_folder, [source])  # before the weights are loaded
+    check_exportable(loading.open_checkpoint(source).config)  # before the weights are loaded
     model = api.load(source, backend="reference")  # the checkpoint layout, which export walks
     export(model.config, model.checkpoint_params(), args.hf_folder, args.dtype, tokenizer_file(source),
            force=args.force, sources=[source])

@@ -103,9 +103,7 @@ def export(cfg: ModelConfig, params: dict[str, Any], folder: str | os.PathLike,
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if cfg.quantize != "none":
-        raise ConfigError(f"the model's experts are {cfg.quantize}: transformers' Mixtral reads float weights; "
-                          "export the model it was quantised from")
+    check_exportable(cfg)
     with outputs.staging(folder, "export", force, sources) as tmp:
         save_file(dict(hf_tensors(cfg, params, dtype)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         outputs.readable_by_all(tmp / "model.safetensors")
@@ -113,3 +111,11 @@ def export(cfg: ModelConfig, params: dict[str, Any], folder: str | os.PathLike,
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return Path(folder)
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse quantised weights: transformers' Mixtral reads float weights, and dequantised ones would pass
+    off the quantisation's rounding as the model's."""
+    if cfg.quantize != "none":
+        raise ConfigError(f"the model's weights are {cfg.quantize}: transformers' Mixtral reads float weights; "
+                          "export the 16-bit checkpoint it was quantised from")

@@ -4,8 +4,10 @@ Each source tensor is read into memory on its own (nothing stays memory-mapped),
 mapping rule, cast, and written into its slice of the stacked Orbax array; tensors larger than
 `BLOCK_BYTES` whose transform allows it (`mapping.ROW_AXIS`) go in blocks of rows. Peak memory is a few
 blocks, or the largest tensor that must be whole, beyond the libraries, whatever the model's size.
-Each block is checked for NaN and inf as it is read. The output appears only when complete
-(`outputs.staging`): a refused tensor leaves nothing behind.
+Each block is checked for NaN and inf as it is read. With `quantize`, each (layer) or (layer, expert) slice
+of a quantised weight is read whole, quantised (`quant.quantize_slice`, as a quantising load does) and
+written with its scales. The output appears only when complete (`outputs.staging`): a refused tensor
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mixtral_jax import checkpoint, model, outputs
+from mixtral_jax import checkpoint, model, outputs, quant
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.convert import mapping
 from mixtral_jax.convert.sources import open_source
@@ -28,32 +30,45 @@ BLOCK_BYTES = 32 << 20
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
-            force: bool = False, progress: bool = True, allow_non_finite: bool = False) -> Path:
+            force: bool = False, progress: bool = True, allow_non_finite: bool = False,
+            quantize: str | None = None, quant_group: int | None = None) -> Path:
     """Convert the checkpoint folder `source` into the model folder `output` (stored in `dtype`, None:
-    the source's). Every tensor is checked against the config before anything is written, and its values
+    the source's; its large matrices in `quantize`'s format, `int8` or `int4` in groups of `quant_group`,
+    `quant.py`). Every tensor is checked against the config before anything is written, and its values
     as they are read: a NaN or inf refuses the conversion unless `allow_non_finite`."""
     if checkpoint.is_checkpoint(source):
         raise CheckpointError(f"{source}: already a converted model folder; load it with mixtral_jax.load")
     src = open_source(source)
     src.check()
     cfg = src.config.with_dtype(dtype)
+    if quantize not in (None, "none"):
+        cfg = quant.quantized_config(cfg, quantize, quant_group, source)
     rules = mapping.rules_for(src.naming, cfg)
     abstract = nnx.to_pure_dict(model.abstract(cfg)[1])
     specs = {}
     for rule in rules:
-        leaf = _get(abstract, rule.target)
-        specs[rule.target] = checkpoint.ArraySpec(tuple(leaf.shape), np.dtype(leaf.dtype), rule.stacked_axes)
+        paths = [rule.target] + ([quant.scale_path(rule.target)] if quant.is_quantized(cfg, rule.target) else [])
+        for path in paths:
+            leaf = _get(abstract, path)
+            specs[path] = checkpoint.ArraySpec(tuple(leaf.shape), np.dtype(leaf.dtype), rule.stacked_axes)
     steps = list(plan(rules, cfg))
     total = sum(src.nbytes(name) for _, name, _ in steps)
     with outputs.staging(output, "model", force, sources=[source]) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
     ) as bar, checkpoint.ArrayWriter(tmp, specs) as writer:
         for i, (rule, name, index) in enumerate(steps):
-            for rows, region in blocks(rule, src.shape(name), src.nbytes(name), writer.chunks(rule.target), index):
+            quantized = quant.is_quantized(cfg, rule.target)
+            pieces = [(slice(None), index)] if quantized else blocks(
+                rule, src.shape(name), src.nbytes(name), writer.chunks(rule.target), index)
+            for rows, region in pieces:
                 block = src.read(name, rows)
                 if not allow_non_finite:
                     mapping.check_finite(block, src, name, "pass --allow-non-finite to convert it anyway")
-                writer.write(rule.target, region, rule.transform(block, cfg))
+                block = rule.transform(block, cfg)
+                if quantized:
+                    block, scale = quant.quantize_slice(cfg, rule.target, block)
+                    writer.write(quant.scale_path(rule.target), region, scale)
+                writer.write(rule.target, region, block)
             bar.update(src.nbytes(name))
             bar.set_postfix_str(f"{i + 1}/{len(steps)} tensors", refresh=False)
         writer.close()
