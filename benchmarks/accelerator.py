@@ -1,6 +1,6 @@
 """Decode and prefill on whatever device JAX has, against that device's own ceilings, per backend.
 
-Run: python -m benchmarks.accelerator [--quick] [--json FILE]
+Run: python -m benchmarks.accelerator [--quick] [--weights none,int8,int4] [--json FILE]
 
 A Mixtral-shaped random model (8 experts, top-2) sized to the device: about 4.7B parameters where the device
 holds 40 GiB or more, 1.5B where it holds 12 GiB or more, else (a CPU, or `--quick`) a few million. For the
@@ -63,7 +63,10 @@ def seconds(fn, reps: int) -> float:
     return common.median_time(fn, reps=reps, warmup=0)
 
 
-def run(quick: bool = False, new: int = 32) -> tuple[str, list[dict]]:
+FORMATS = ("none", "int8", "int4")
+
+
+def run(quick: bool = False, new: int = 32, formats: tuple[str, ...] = FORMATS) -> tuple[str, list[dict]]:
     import mixtral_jax
     from mixtral_jax import backends
     from mixtral_jax.config import ModelConfig
@@ -80,7 +83,7 @@ def run(quick: bool = False, new: int = 32) -> tuple[str, list[dict]]:
     platform = mixtral_jax.init_random(cfg.replace(n_layers=1), seed=0).backend
     rows = []
     for backend in dict.fromkeys([platform, backends.Backend()]):
-        for fmt in ("none", "int8", "int4"):
+        for fmt in formats:
             model = mixtral_jax.init_random(cfg.replace(quantize=fmt), seed=0, backend=backend)
             row = {"backend": backend.describe(), "weights": "bfloat16" if fmt == "none" else fmt}
             for batch in batches:
@@ -104,10 +107,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and small batches (CPU, tests)")
     parser.add_argument("--new", type=int, default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--weights", default="none,int8,int4",
+                        help="weight formats measured: none (bfloat16), int8, int4 (default all three)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     start = time.perf_counter()
-    header, rows = run(args.quick, args.new)
+    header, rows = run(args.quick, args.new, tuple(args.weights.split(",")))
     print(header)
     print(common.table(list(rows[0]), [list(r.values()) for r in rows]))
     print(f"({time.perf_counter() - start:.0f} s)")

@@ -171,8 +171,11 @@ def train(output: str | os.PathLike, data_files: Sequence[str | os.PathLike], tc
         with outputs.writing(output):
             return _run(output, cfg, tc, model, tokens, batches, Path(tokenizer), mesh, progress)
     except BaseException:
-        if created and not _saved_steps(output):
-            shutil.rmtree(output, ignore_errors=True)  # nothing of this run is worth keeping
+        if created and not _checkpoint_entries(output):
+            # Nothing of this run is worth keeping. A folder where Orbax began a save is left alone: its
+            # writer threads may outlive the manager's close, and removing files under them can abort the
+            # process; a rerun resumes from, or cleans up, what they leave.
+            shutil.rmtree(output, ignore_errors=True)
         raise
 
 
@@ -298,10 +301,10 @@ def _check_length(tc: TrainConfig, cfg: ModelConfig) -> None:
         raise ConfigError(f"sequence length {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
 
 
-def _saved_steps(output: Path) -> list[int]:
-    """The steps saved in a run folder (Orbax names each step's folder by its number once it is complete)."""
+def _checkpoint_entries(output: Path) -> list[Path]:
+    """What Orbax has begun writing in a run folder: saved steps and saves in progress."""
     folder = output / trained.CHECKPOINTS
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    return list(folder.iterdir()) if folder.is_dir() else []
 
 
 def tokenizer_file(folder: Path) -> Path | None:
