@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# One worker runs this module: its fixture's subprocess is the longest setup of the suite.
-pytestmark = pytest.mark.xdist_group("mesh_worker")
 MESHES = ["expert=8", "data=2,expert=4", "tensor=2,expert=4", "data=2,tensor=2,expert=2"]
 
 

@@ -27,7 +27,6 @@ from mixtral_jax.serve.app import Metrics, create_app  # noqa: E402
 from mixtral_jax.serve.scheduler import Job, Scheduler  # noqa: E402
 
 MAX_LEN = 64
-pytestmark = pytest.mark.xdist_group("serve")  # one worker builds the served model once
 
 
 @pytest.fixture(scope="session")  # one server per worker, whichever modules run between its tests
