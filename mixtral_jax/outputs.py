@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from mixtral_jax.errors import MixtralError
 
@@ -139,6 +139,13 @@ def staging(output: str | os.PathLike, kind: str, force: bool = False,
         if isinstance(e, Exception) and system_errno(e) is not None:
             raise write_error(e, output) from None
         raise
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`path` written whole or not at all: `write` fills a temporary beside it, which then replaces it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -338,9 +338,7 @@ def _write_or_check(path: Path, record: dict[str, Any], what: str, replace: bool
             raise ConfigError(f"{path.parent} holds a run with {what} ({', '.join(changed)}); "
                               "choose another output folder")
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    outputs.replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -354,9 +352,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    outputs.replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -132,7 +132,6 @@ def evaluate(model: Mixtral, tokenizer: Tokenizer, lengths: Sequence[int], n_dep
         for length in todo:
             results["trials"] += run_length(model, tokenizer, length, n_depths, trials, seed, batch_size, bar.update)
             store.write(path, results)
-    store.write(path, results)
     if jax.process_index() == 0:
         plots.passkey_heatmap(accuracy(results["trials"]), Path(output) / "passkey.png", title)
     return results

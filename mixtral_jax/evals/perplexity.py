@@ -85,7 +85,6 @@ def evaluate(model: Mixtral, documents: Sequence[Sequence[int]], contexts: Seque
             results["contexts"].append(run_context(model, segs, length, eval_tokens, batch_size, bar.update))
             results["contexts"].sort(key=lambda r: r["context"])
             store.write(path, results)
-    store.write(path, results)
     if jax.process_index() == 0:
         plots.perplexity_curve([r["context"] for r in results["contexts"]],
                                [r["perplexity"] for r in results["contexts"]], Path(output) / "perplexity.png", title)

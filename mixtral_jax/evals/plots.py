@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mixtral_jax.evals.store import need
+from mixtral_jax.outputs import replace_atomically
 
 
 def _pyplot():
@@ -63,9 +64,7 @@ def _tokens(n: int) -> str:
 
 def _save(fig, plt, path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

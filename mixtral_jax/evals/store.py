@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.outputs import check_parents, writing
+from mixtral_jax.outputs import check_parents, replace_atomically, writing
 
 EXTRA = 'the `eval` extra: pip install "mixtral-jax[eval]" (or pip install -e ".[eval]" in a checkout)'
 _MODULES = {"lm-eval": "lm_eval", "matplotlib": "matplotlib"}
@@ -54,11 +53,9 @@ def write(path: Path, results: dict) -> None:
     if jax.process_index() != 0:
         return
     check_parents(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n"))
 
 
 def _differences(results: object, settings: dict) -> str:
