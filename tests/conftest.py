@@ -1,7 +1,11 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -11,6 +15,42 @@ import pytest
 from tests import reference
 
 STDLIB_DATA = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
+OWN_COMPILE_CACHE = pytest.StashKey[str]()
+MAPS, MAP_LIMIT = Path("/proc/self/maps"), Path("/proc/sys/vm/max_map_count")
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the run: the xdist workers and the CLI subprocesses compile many
+    of the same programs (the demo model's above all) and read them back instead. The process that makes it
+    (the xdist controller, or a plain pytest; the workers inherit it) removes it at the end."""
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        config.stash[OWN_COMPILE_CACHE] = tempfile.mkdtemp(prefix="mixtral-jax-tests-compile-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.stash[OWN_COMPILE_CACHE]
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0)))
+
+
+def pytest_unconfigure(config):
+    if OWN_COMPILE_CACHE in config.stash:
+        shutil.rmtree(config.stash[OWN_COMPILE_CACHE], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_mappings():
+    """XLA:CPU maps three regions for every kernel of a compiled program, and a process past the kernel's
+    `vm.max_map_count` crashes in its next mmap. A test process compiles thousands of programs, so once half
+    the limit is in use JAX's compiled-program caches are dropped (what a test still holds stays mapped)."""
+    yield
+    if "jax" in sys.modules and MAPS.exists():
+        with MAPS.open() as maps:
+            used = sum(1 for _ in maps)
+        if used > int(MAP_LIMIT.read_text()) // 2:
+            sys.modules["jax"].clear_caches()
+            gc.collect()
 
 
 @pytest.fixture(scope="session")

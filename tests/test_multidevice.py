@@ -9,24 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.shared import shared_result
+
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = ["expert=8", "data=2,expert=4", "tensor=2,expert=4", "data=2,tensor=2,expert=2"]
 
 
 @pytest.fixture(scope="module")
-def mesh_results():
-    """All meshes in one subprocess (one compile of the single-device programs, one JAX start-up)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", *MESHES], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def mesh_results(tmp_path_factory):
+    """All meshes in one subprocess (one compile of the single-device programs, one JAX start-up), run once
+    for all xdist workers."""
+    lines = shared_result(tmp_path_factory, "mesh_results", _run_mesh_worker)
     single, *results = (line for line in lines if "mesh" in line and "kv_heads" not in line)
     errors = {r["strategy"]: r["max_abs_err"] for r in lines if "strategy" in r}
     kv_runs = [line for line in lines if "kv_heads" in line]
     jax_mesh = next(r["jax_mesh"] for r in lines if "jax_mesh" in r)
     quantized = next(r["quantized"] for r in lines if "quantized" in r)
     return single, {r["mesh"]: r for r in results}, errors, kv_runs, jax_mesh, quantized
+
+
+def _run_mesh_worker() -> list[dict]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", *MESHES], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.slow
