@@ -20,7 +20,7 @@ from tqdm import tqdm
 from mixtral_jax import demo, prefill
 from mixtral_jax.api import Mixtral, load
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.tokenizer import Tokenizer
+from mixtral_jax.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -121,18 +121,21 @@ class MixtralLM(TemplateLM):
                   temperature: float) -> list[str]:
         """Each prompt's continuation, decoded until every row has ended (EOS, `max_new` tokens, or a stop
         sequence), cut before its first stop sequence."""
-        new: list[list[int]] = [[] for _ in prompts]
+        decoders = [StreamDecoder(self.sp) for _ in prompts]
+        texts = [""] * len(prompts)
         done = [False] * len(prompts)
         for step in self.model.stream(prompts, max_new, temperature=temperature):
             for i, token in enumerate(step):
                 if done[i] or token is None or token == self.eot_token_id:
                     done[i] = True
-                else:
-                    new[i].append(token)
-                    done[i] = any(stop in self.sp.decode(new[i]) for stop in until)
+                    continue
+                seen = len(texts[i])
+                texts[i] += decoders[i].push(token)
+                # a stop sequence ends in the new text; it may begin before it
+                done[i] = any(stop in texts[i][max(0, seen - len(stop) + 1):] for stop in until)
             if all(done):
                 break
-        return [_cut(self.sp.decode(ids), until) for ids in new]
+        return [_cut(text + decoder.flush(), until) for text, decoder in zip(texts, decoders)]
 
     def _batched(self, order: list[int], key: Callable[[int], str], run: Callable[[list[int]], list], desc: str,
                  disable_tqdm: bool) -> list:
