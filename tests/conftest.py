@@ -16,22 +16,24 @@ from tests import reference
 
 STDLIB_DATA = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
 OWN_COMPILE_CACHE = pytest.StashKey[str]()
-MAPS, MAP_LIMIT = Path("/proc/self/maps"), Path("/proc/sys/vm/max_map_count")
+MAPS = Path("/proc/self/maps")
+MAP_LIMIT = int(Path("/proc/sys/vm/max_map_count").read_text()) if MAPS.exists() else None
 
 
 def pytest_configure(config):
     """One persistent compilation cache for the run: the xdist workers and the CLI subprocesses compile many
     of the same programs (the demo model's above all) and read them back instead. The process that makes it
-    (the xdist controller, or a plain pytest; the workers inherit it) removes it at the end."""
-    import jax
-
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        config.stash[OWN_COMPILE_CACHE] = tempfile.mkdtemp(prefix="mixtral-jax-tests-compile-cache-")
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.stash[OWN_COMPILE_CACHE]
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0)))
+    (the xdist controller, or a plain pytest) removes it at the end; the workers inherit its settings."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.stash[OWN_COMPILE_CACHE] = tempfile.mkdtemp(prefix="mixtral-jax-tests-compile-cache-")
+    settings = {"jax_compilation_cache_dir": config.stash[OWN_COMPILE_CACHE],
+                "jax_persistent_cache_min_compile_time_secs": 0.2}
+    for name, value in settings.items():  # read when jax is imported, here and in every subprocess
+        os.environ[name.upper()] = str(value)
+    if "jax" in sys.modules:
+        for name, value in settings.items():
+            sys.modules["jax"].config.update(name, value)
 
 
 def pytest_unconfigure(config):
@@ -45,10 +47,10 @@ def _bounded_memory_mappings():
     `vm.max_map_count` crashes in its next mmap. A test process compiles thousands of programs, so once half
     the limit is in use JAX's compiled-program caches are dropped (what a test still holds stays mapped)."""
     yield
-    if "jax" in sys.modules and MAPS.exists():
+    if MAP_LIMIT and "jax" in sys.modules:
         with MAPS.open() as maps:
             used = sum(1 for _ in maps)
-        if used > int(MAP_LIMIT.read_text()) // 2:
+        if used > MAP_LIMIT // 2:
             sys.modules["jax"].clear_caches()
             gc.collect()
 

@@ -235,9 +235,7 @@ def test_clients_gone_mid_stream_free_their_slots_and_leave_nothing_behind(serve
     process by under 16 MiB."""
     _, client, app, _ = served
     http = TestClient(app)
-    body = json.dumps({"prompt": "def", "max_tokens": MAX_LEN - 4, "temperature": 0, "stream": True}).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    request = _raw_completion({"prompt": "def", "max_tokens": MAX_LEN - 4, "temperature": 0, "stream": True})
 
     def drop_after_first_chunk(_):
         with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=30) as s:
@@ -277,17 +275,23 @@ def test_a_client_gone_before_its_whole_response_frees_its_slot(served):
     freed long before its token limit would have ended it."""
     _, client, app, _ = served
     http = TestClient(app)
-    body = json.dumps({"prompt": "def", "max_tokens": MAX_LEN - 4, "temperature": 0}).encode()
+    request = _raw_completion({"prompt": "def", "max_tokens": MAX_LEN - 4, "temperature": 0})
     cancelled = 'mixtral_requests_total{outcome="cancelled"}'
     before = _metric(http.get("/metrics").text, cancelled)
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", client.base_url.port), timeout=30) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(request)
     deadline = time.time() + 30
     while _metric(text := http.get("/metrics").text, "mixtral_busy_slots") > 0 or _metric(text, cancelled) < before + 4:
         assert time.time() < deadline, text
         time.sleep(0.05)
+
+
+def _raw_completion(body: dict) -> bytes:
+    """A whole HTTP request for /v1/completions, to send on a socket that is then dropped."""
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
 
 
 def _metric(text: str, name: str) -> float:
