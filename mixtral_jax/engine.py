@@ -374,13 +374,20 @@ class Engine:
         self.busy.add(free[0])
         return free[0]
 
-    def prefill(self, budget: int | None = None) -> list[tuple[int, Tokens]]:
+    def prefill(self, budget: int | None = None,
+                ready: Callable[[int, Tokens], None] | None = None) -> list[tuple[int, Tokens]]:
         """Advance the queued prompts, oldest first, until `budget` tokens (default: one chunk) have been
-        prefilled -> (slot, its first token [1]) for each prompt that completed. Short prompts at the head of
-        the queue are prefilled `group` at a time (`_group`); a longer one a chunk at a time, into a one-row
-        cache that joins the slots when complete."""
+        prefilled -> (slot, its first token [1]) for each prompt that completed, also handed to `ready` as soon
+        as it is known. Short prompts at the head of the queue are prefilled `group` at a time (`_group`); a
+        longer one a chunk at a time, into a one-row cache that joins the slots when complete."""
         model, budget = self.model, budget or self.chunk
-        ready = []
+        completed = []
+
+        def complete(slot: int, first: Tokens) -> None:
+            completed.append((slot, first))
+            if ready is not None:
+                ready(slot, first)
+
         with model.context():
             if self.state is None and self.pending:
                 self.state = self._programs.empty(backend=model.backend, cfg=model.config, slots=self.n_slots,
@@ -388,7 +395,8 @@ class Engine:
             while self.pending and budget > 0:
                 group = self._group()
                 if group:
-                    ready += self._admit_group(group)
+                    for slot, first in self._admit_group(group):
+                        complete(slot, first)
                     budget -= self.group * group_len(max(job.prompt.size for job in group))
                     continue
                 job = self.pending[0]
@@ -408,8 +416,8 @@ class Engine:
                 self.state, first = self._programs.insert(
                     self.state, *job.row, *replicated(model, (np.int32([job.slot]), np.int32([job.prompt.size]),
                                                               *job.request)), backend=model.backend, **self._static())
-                ready.append((job.slot, jax.tree.map(fetch, first)))
-        return ready
+                complete(job.slot, jax.tree.map(fetch, first))
+        return completed
 
     def _group(self) -> list[_Admission]:
         """The queued prompts at the head that `_admit_group` takes in one program: `group` not yet started

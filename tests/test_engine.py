@@ -23,15 +23,19 @@ def prompts():
 
 
 def _run(engine: Engine, prompts, limits, sampled=None) -> list[list[int]]:
-    """Every prompt through the engine, admitted as slots free up, each request's tokens collected;
-    `sampled`: the sampling settings of some requests, by index (the others greedy)."""
+    """Every prompt through the engine, admitted as slots free up, each request's tokens collected (the first
+    ones as `prefill` hands them over); `sampled`: the sampling settings of some requests, by index (the
+    others greedy)."""
     got, owner, queue = [[] for _ in prompts], {}, list(range(len(prompts)))
     while queue or engine.busy:
         while queue and engine.free():
             i = queue.pop(0)
             owner[engine.admit(prompts[i], limits[i], stop_at_eos=False, **(sampled or {}).get(i, {}))] = i
-        for slot, first in engine.prefill():
-            got[owner[slot]].append(int(first.ids[0]))
+        ready = []  # each first token as its prompt completes, as the server sends it
+        completed = engine.prefill(ready=lambda slot, first: ready.append((slot, int(first.ids[0]))))
+        assert ready == [(slot, int(first.ids[0])) for slot, first in completed]
+        for slot, token in ready:
+            got[owner[slot]].append(token)
         if engine.decoding():
             new = engine.step().ids
             for slot, i in owner.items():

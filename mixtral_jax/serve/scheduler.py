@@ -76,30 +76,31 @@ class Plan:
 
 @dataclasses.dataclass
 class Outcome:
-    """What a round gave: the slot of each admitted request (or why it was refused), the first tokens of
-    prompts whose prefill completed, the decode round's new tokens (None if nothing was decoding), and the
-    slots whose request ended there."""
+    """What a round's decode gave: its new tokens (None if nothing was decoding), and the slots whose request
+    ended there."""
 
-    admitted: list[int | str]
-    first: list[tuple[int, Tokens]]
     new: Tokens | None
     ended: list[int]
 
 
-def run_round(engine: Engine, plan: Plan) -> Outcome:
-    """`plan` on `engine`: cancels, admissions, about one chunk of prefill, then one decode round. Every process
-    of a multi-host server runs the same plans in the same order, so their engines stay alike."""
+def run_round(engine: Engine, plan: Plan, admitted: Callable[[list[int | str]], None] | None = None,
+              ready: Callable[[int, Tokens], None] | None = None) -> Outcome:
+    """`plan` on `engine`: cancels, admissions (handed to `admitted`), about one chunk of prefill (each first
+    token handed to `ready` as its prompt completes, before the decode round), then one decode round. Every
+    process of a multi-host server runs the same plans in the same order, so their engines stay alike."""
     for slot in plan.cancel:
         engine.cancel(slot)
-    admitted = []
+    slots = []
     for request in plan.admit:
         try:
-            admitted.append(engine.admit(*request))
+            slots.append(engine.admit(*request))
         except MixtralError as e:
-            admitted.append(str(e))
-    first = engine.prefill()
+            slots.append(str(e))
+    if admitted is not None:
+        admitted(slots)
+    engine.prefill(ready=ready)
     new = engine.step() if engine.decoding() else None
-    return Outcome(admitted, first, new, engine.finished())
+    return Outcome(new, engine.finished())
 
 
 def broadcast(plan: Plan | None) -> Plan:
@@ -156,15 +157,19 @@ class Scheduler(threading.Thread):
         for slot in cancel:
             self._freed(self.running.pop(slot))
         jobs = self._waiting(len(self.engine.free()) + len(cancel))
-        outcome = run_round(self.engine, self.sync(Plan(cancel, [job.request() for job in jobs])))
-        for job, slot in zip(jobs, outcome.admitted):
-            if isinstance(slot, str):
-                self._fail(job, slot)
-            else:
-                self.running[slot] = job
-        self.observe("busy", len(self.running))
-        for slot, first in outcome.first:
+
+        def admitted(slots: list[int | str]) -> None:
+            for job, slot in zip(jobs, slots):
+                if isinstance(slot, str):
+                    self._fail(job, slot)
+                else:
+                    self.running[slot] = job
+            self.observe("busy", len(self.running))
+
+        def ready(slot: int, first: Tokens) -> None:  # a first token goes out before the decode round runs
             self._take(self.running[slot], first, 0, time.perf_counter())
+
+        outcome = run_round(self.engine, self.sync(Plan(cancel, [job.request() for job in jobs])), admitted, ready)
         if outcome.new is not None:
             new, now = outcome.new, time.perf_counter()
             for slot, job in list(self.running.items()):
