@@ -3,12 +3,13 @@
 Run: python -m benchmarks.quantization [--parts quality,memory,speed,peak] [--rounds 5]
 
 - quality: the trained demo model's held-out perplexity (every 20th standard library file, as
-  scripts/train_demo.py holds them out) with int8 and int4 weights (128-entry groups) against its 16-bit
-  weights, and through an int8 KV cache (the text scored 32 tokens a chunk, each attending to the cache)
-  against a 16-bit cache; and on the random-weight 214M checkpoint, max |dlogp| of int8 and int4 against
-  float32.
+  scripts/train_demo.py holds them out) with int8 and int4 weights (128-entry groups), the embedding table
+  and LM head 16-bit or quantised too, against its 16-bit weights, and through an int8 KV cache (the text
+  scored 32 tokens a chunk, each attending to the cache) against a 16-bit cache; and on the random-weight
+  214M checkpoint, max |dlogp| of the same weights against float32.
 - memory: the 214M checkpoint's weight bytes (int4 at half a byte; scales included) and the size on disk of
-  its model folders (`convert --quantize`), against bfloat16.
+  its model folders (`convert --quantize`), against bfloat16; int8 and int4 each with the embedding table and
+  LM head 16-bit, and quantised too (`--quantize-vocab`).
 - speed: greedy decode tokens/s at batch 1 and 8 on the 214M checkpoint, float32 compute, int8 and int4
   against float32 weights, each model's calls alternated so that drift hits all of them.
 - peak: the peak RSS of `load(..., quantize=...)` of a bfloat16 model folder of at least 1.5 GB (a random
@@ -31,6 +32,8 @@ from benchmarks import common
 BIG = dict(hidden_size=1024, intermediate_size=3584)  # ~790M parameters: 1.58 GB in bfloat16
 BIG_HF = Path("/tmp/mixtral-790m-hf")
 BIG_BF16 = Path("/tmp/mixtral-790m-bf16")
+VOCAB_FORMATS = (("int8", False), ("int8", True), ("int4", False), ("int4", True))  # (format, quantize_vocab)
+VOCAB_NOTE = {False: "", True: " (embedding table and LM head too)"}
 
 
 def held_out(tokenizer, n: int) -> np.ndarray:
@@ -63,9 +66,9 @@ def quality() -> None:
     table = []
     ref = ppl(base)
     table.append(["16-bit weights (bfloat16 stored, float32 compute)", ref, 0.0])
-    for fmt in ("int8", "int4"):
-        got = ppl(demo.load(quantize=fmt))
-        table.append([f"{fmt} weights", got, 100 * (got / ref - 1)])
+    for fmt, vocab in VOCAB_FORMATS:
+        got = ppl(demo.load(quantize=fmt, quantize_vocab=vocab))
+        table.append([f"{fmt} weights{VOCAB_NOTE[vocab]}", got, 100 * (got / ref - 1)])
     text = ids[:2048].tolist()
     ref_kv = float(np.exp(-prefill.score(base, text, chunk=32).mean()))
     got_kv = float(np.exp(-prefill.score(demo.load(kv_cache_dtype="int8"), text, chunk=32).mean()))
@@ -79,9 +82,10 @@ def quality() -> None:
     tokens = np.random.default_rng(0).integers(3, f32.config.vocab_size, (2, 64))
     want = np.asarray(jax.nn.log_softmax(f32.logits(tokens)))
     rows_ = []
-    for fmt in ("int8", "int4"):
-        got = np.asarray(jax.nn.log_softmax(mixtral_jax.load(folder, dtype="float32", quantize=fmt).logits(tokens)))
-        rows_.append([fmt, float(np.abs(got - want).max()), float(np.abs(got - want).mean()),
+    for fmt, vocab in VOCAB_FORMATS:
+        model = mixtral_jax.load(folder, dtype="float32", quantize=fmt, quantize_vocab=vocab)
+        got = np.asarray(jax.nn.log_softmax(model.logits(tokens)))
+        rows_.append([fmt + VOCAB_NOTE[vocab], float(np.abs(got - want).max()), float(np.abs(got - want).mean()),
                       float(np.mean(got.argmax(-1) == want.argmax(-1)))])
     print("214M random-weight checkpoint against float32 (2 x 64 random tokens)")
     print(common.table(["weights", "max |dlogp|", "mean |dlogp|", "argmax agreement"], rows_))
@@ -96,16 +100,16 @@ def memory() -> None:
 
     folder = common.make_checkpoint()
     rows, base = [], None
-    for fmt in ("none", "int8", "int4"):
-        model = mixtral_jax.load(folder, dtype="bfloat16", quantize=fmt, backend="reference")
+    for fmt, vocab in (("none", False), *VOCAB_FORMATS):
+        model = mixtral_jax.load(folder, dtype="bfloat16", quantize=fmt, quantize_vocab=vocab, backend="reference")
         n_bytes = sum(a.size * quant.bits(a.dtype) // 8 for a in jax.tree.leaves(model.checkpoint_params()))
-        out = Path(f"/tmp/mixtral-214m-{fmt}")
+        out = Path(f"/tmp/mixtral-214m-{fmt}{'-vocab' if vocab else ''}")
         if not out.exists():
-            convert(folder, out, dtype="bfloat16", quantize=fmt, progress=False)
+            convert(folder, out, dtype="bfloat16", quantize=fmt, quantize_vocab=vocab, progress=False)
         disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "tokenizer.model")
         base = base or (n_bytes, disk)
-        rows.append(["bfloat16" if fmt == "none" else fmt, n_bytes / 1e6, n_bytes / base[0], disk / 1e6,
-                     disk / base[1]])
+        rows.append(["bfloat16" if fmt == "none" else fmt + VOCAB_NOTE[vocab], n_bytes / 1e6, n_bytes / base[0],
+                     disk / 1e6, disk / base[1]])
     print("214M checkpoint: weight bytes (scales included) and model folder on disk")
     print(common.table(["weights", "MB in memory", "of bfloat16", "MB on disk", "of bfloat16"], rows))
 
@@ -114,22 +118,23 @@ def speed(rounds: int) -> None:
     import mixtral_jax
 
     folder = common.make_checkpoint()
-    models = {fmt: mixtral_jax.load(folder, dtype="float32", quantize=fmt) for fmt in ("none", "int8", "int4")}
+    models = {"float32": mixtral_jax.load(folder, dtype="float32")}
+    for fmt, vocab in VOCAB_FORMATS:
+        models[fmt + VOCAB_NOTE[vocab]] = mixtral_jax.load(folder, dtype="float32", quantize=fmt, quantize_vocab=vocab)
     print(next(iter(models.values())).backend.describe())
     new = 32
     rows = []
     for batch in (1, 8):
         prompt = np.random.default_rng(1).integers(3, 32000, (batch, 16)).tolist()
         fns = {}
-        for fmt, model in models.items():
-            fns[f"{fmt}/1"] = lambda m=model: m.generate(prompt, 1, stop_at_eos=False)
-            fns[f"{fmt}/n"] = lambda m=model: m.generate(prompt, new, stop_at_eos=False)
+        for name, model in models.items():
+            fns[f"{name}/1"] = lambda m=model: m.generate(prompt, 1, stop_at_eos=False)
+            fns[f"{name}/n"] = lambda m=model: m.generate(prompt, new, stop_at_eos=False)
         t = common.alternate(fns, rounds=rounds)
-        tok_s = {fmt: batch * (new - 1) / (t[f"{fmt}/n"] - t[f"{fmt}/1"]) for fmt in models}
-        rows.append([batch, tok_s["none"], tok_s["int8"], tok_s["int8"] / tok_s["none"], tok_s["int4"],
-                     tok_s["int4"] / tok_s["none"]])
+        tok_s = {name: batch * (new - 1) / (t[f"{name}/n"] - t[f"{name}/1"]) for name in models}
+        rows += [[batch, name, tok_s[name], tok_s[name] / tok_s["float32"]] for name in models]
     print("214M checkpoint, greedy decode tokens/s (float32 compute; 16-token prompts, 32 new tokens)")
-    print(common.table(["batch", "float32", "int8", "int8 / float32", "int4", "int4 / float32"], rows))
+    print(common.table(["batch", "weights", "tokens/s", "of float32"], rows))
 
 
 PEAK = """

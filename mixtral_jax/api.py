@@ -165,7 +165,8 @@ def init_random(config: ModelConfig | str, seed: int = 0, dtype: str | None = No
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | str | None = None,
          backend: Backend | str | None = None, allow_non_finite: bool = False, training: bool = False,
-         quantize: str | None = None, quant_group: int | None = None, kv_cache_dtype: str | None = None) -> Mixtral:
+         quantize: str | None = None, quant_group: int | None = None, quantize_vocab: bool = False,
+         kv_cache_dtype: str | None = None) -> Mixtral:
     """A model folder (`mixtral-jax convert` output), a training OUTPUT (its latest step), or a Hugging Face
     or Mistral checkpoint folder, read straight into the backend's layout, sharded over `mesh`.
 
@@ -178,16 +179,16 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
     (a model folder's are not checked again: `convert` checks them as it writes).
 
     `quantize` (`int8`, `int4`; None or `none`: as stored) quantises a 16-bit checkpoint's large matrices
-    slice by slice as they are read, in groups of `quant_group` for int4 (default 128; `quant.py`); a
-    quantised checkpoint is loaded as it is and not quantised again. `kv_cache_dtype`: `int8` for an int8 KV
-    cache (None: the config's, `auto`).
+    slice by slice as they are read, in groups of `quant_group` for int4 (default 128; `quant.py`), and with
+    `quantize_vocab` the embedding table and LM head too; a quantised checkpoint is loaded as it is and not
+    quantised again. `kv_cache_dtype`: `int8` for an int8 KV cache (None: the config's, `auto`).
     """
     opened = loading.open_checkpoint(path, allow_non_finite)
     cfg, reader = opened.config.with_dtype(dtype), opened.reader
     if kv_cache_dtype is not None:
         cfg = cfg.replace(kv_cache_dtype=kv_cache_dtype)
-    if quantize not in (None, "none"):
-        cfg = quant.quantized_config(cfg, quantize, quant_group, path)
+    if quantize not in (None, "none") or quantize_vocab:
+        cfg = quant.quantized_config(cfg, quantize, quant_group, path, quantize_vocab)
         reader = loading.QuantizingReader(reader, cfg)
     mesh = sh.as_mesh(mesh)
     rules = sh.rules_for(cfg.n_kv_heads, mesh)

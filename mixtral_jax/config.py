@@ -28,7 +28,8 @@ class ModelConfig:
     `n_experts == 0` means a dense SwiGLU MLP (Mistral 7B). `dtype` is the compute dtype and
     `param_dtype` the storage dtype; router, norms, attention softmax and logits are always float32.
     `quantize`: the attention projections and experts (or MLP) are stored in int8 (a float32 scale per
-    output channel) or int4 (a float32 scale per `quant_group` entries along the contracted axes), `quant.py`.
+    output channel) or int4 (a float32 scale per `quant_group` entries along the contracted axes), `quant.py`;
+    with `quantize_vocab`, the embedding table and LM head too.
     `kv_cache_dtype = "int8"`: the KV cache holds int8 keys and values with a float32 scale per token and KV
     head.
     """
@@ -55,6 +56,7 @@ class ModelConfig:
     param_dtype: str = "bfloat16"
     quantize: str = "none"
     quant_group: int = 128
+    quantize_vocab: bool = False
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -150,6 +152,8 @@ def _check(values: Mapping[str, Any], source: str | os.PathLike, keys: Mapping[s
         raise ConfigError(f"{source}: {key('top_k')} must be in [1, {v['n_experts']}], got {v['top_k']}")
     if v["quantize"] == "int4":
         _check_group(v, source, key("quant_group"))
+    if v["quantize_vocab"] and v["quantize"] == "none":
+        raise ConfigError(f"{source}: {key('quantize_vocab')} needs {key('quantize')} int8 or int4")
     for name in ("bos_id", "eos_id"):
         if v[name] >= v["vocab_size"]:
             raise ConfigError(f"{source}: {key(name)} ({v[name]}) must be below {key('vocab_size')} "
@@ -158,7 +162,8 @@ def _check(values: Mapping[str, Any], source: str | os.PathLike, keys: Mapping[s
 
 def _check_group(v: Mapping[str, Any], source: str | os.PathLike, key: str) -> None:
     """int4's group must divide each quantised weight's contracted entries: the model dim (wq, wk, wv, w1,
-    w3), the FFN dim (w2), and heads x head dim (wo), there in whole heads or parts of one."""
+    w3, and the embedder's rows and LM head's columns), the FFN dim (w2), and heads x head dim (wo), there in
+    whole heads or parts of one."""
     g, h = v["quant_group"], v["head_dim"]
     contracted = {"the model dim": v["dim"], "the FFN dim": v["ffn_dim"], "heads x head dim": v["n_heads"] * h}
     for what, n in contracted.items():

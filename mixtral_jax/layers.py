@@ -48,18 +48,20 @@ class Scales(nnx.Module):
 
 
 def quantize_weights(module: nnx.Module, cfg: ModelConfig, names: tuple[str, ...], lead: int = 0) -> None:
-    """Store the weights `names` of `module` (each [*lead axes, *contracted, *out], `quant.CONTRACTED`) in
-    `cfg.quantize`'s format with their scales in `module.scales`; None when the config does not quantise."""
-    if cfg.quantize == "none":
+    """Store the weights `names` of `module` (each [*lead axes, ...] with its contracted axes where
+    `quant.CONTRACTED` says) in `cfg.quantize`'s format with their scales in `module.scales`; None when the
+    config does not quantise or `names` is empty."""
+    if cfg.quantize == "none" or not names:
         module.scales = None
         return
     scales = {}
     for name in names:
         weight = getattr(module, name)
-        contracted = quant.CONTRACTED[name]
-        q, scale = quant.quantize(weight[...], cfg.quantize, lead, contracted, cfg.quant_group)
+        before, contracted = quant.CONTRACTED[name]
+        first = lead + before
+        q, scale = quant.quantize(weight[...], cfg.quantize, first, contracted, cfg.quant_group)
         setattr(module, name, weight.replace(value=q))
-        axes = tuple(None if lead <= i < lead + contracted else a for i, a in enumerate(weight.out_sharding))
+        axes = tuple(None if first <= i < first + contracted else a for i, a in enumerate(weight.out_sharding))
         scales[name] = nnx.Param(scale, out_sharding=axes, eager_sharding=False)
     module.scales = Scales(**scales)
 

@@ -12,11 +12,14 @@ holds them apart, so that no stacked copy is ever whole in memory.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import checkpoint, quant, trained
@@ -91,8 +94,10 @@ class ForeignReader:
 
 class QuantizingReader:
     """A reader of a 16-bit checkpoint that serves `cfg`'s quantised weights: each (layer) or (layer, expert)
-    slice is read in float32 and quantised on its own (`quant.quantize_slice`), so the host holds the
-    quantised weights plus one slice; a reader without slices (a training OUTPUT) gives one whole weight."""
+    slice is read in float32, quantised on its own (`quant.quantize_slice`) and written into its leaf on the
+    devices (`_Filling`), so memory holds the quantised weights plus one slice (and, for int4, one leaf's
+    bytes as it is converted); from a reader without slices (a training OUTPUT) one whole weight is read at a
+    time, then quantised slice by slice."""
 
     def __init__(self, reader, cfg: ModelConfig):
         self.inner, self.cfg = reader, cfg
@@ -105,22 +110,22 @@ class QuantizingReader:
         out = self.inner.arrays({p: t for p, t in targets.items() if p not in scales and p not in weights})
         for path in weights:
             q_target, s_target = targets[path], targets[quant.scale_path(path)]
-            q = np.empty(q_target.shape, q_target.dtype)
-            scale = np.empty(s_target.shape, s_target.dtype)
+            q, scale = _Filling(q_target), _Filling(s_target)
             whole = None if self.slices else self._whole(path, q_target.shape)
             for index in quant.stacked_slices(self.cfg, path, q_target.shape):
                 if whole is None:
-                    q[index], scale[index] = self._slice(path, index)
+                    q_slice, s_slice = self._slice(path, index)
                 else:
-                    q[index], scale[index] = quant.quantize_slice(self.cfg, path, whole[index])
+                    q_slice, s_slice = quant.quantize_slice(self.cfg, path, whole[index])
+                q.write(index, q_slice)
+                scale.write(index, s_slice)
             del whole
-            out[path] = _placed(q, q_target)
-            out[quant.scale_path(path)] = _placed(scale, s_target)
+            out[path], out[quant.scale_path(path)] = q.done(), scale.done()
         return out
 
     def read(self, path: str, index: tuple[int, ...], dtype) -> np.ndarray:
         if path.rsplit(".", 2)[-2:-1] == ["scales"]:
-            return self._slice(path.replace(".scales.", "."), index)[1]
+            return self._slice(quant.weight_path(path), index)[1]
         if quant.is_quantized(self.cfg, path):
             return self._slice(path, index)[0]
         return self.inner.read(path, index, dtype)
@@ -139,5 +144,67 @@ class QuantizingReader:
         return np.asarray(self.inner.arrays({path: target})[path])
 
 
-def _placed(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    return jax.make_array_from_callback(target.shape, target.sharding, lambda index: host[index])
+class _Filling:
+    """A leaf allocated on its devices with its target sharding, then written one stacked slice at a time in
+    place: memory holds the leaf and one slice, never a second stacked copy. Every process makes the same
+    calls in the same order (each slice is a global array), so that this works across hosts too.
+
+    An int4 leaf is filled as bytes [..., ceil(n / 2)] (two entries a byte along its last axis, the first in
+    the low nibble: how `lax.bitcast_convert_type` unpacks them) and converted to int4 once, when done, since
+    an in-place update of an int4 array is not one on every backend (XLA:CPU rewrites all of it for each
+    slice); the conversion holds the leaf twice, at half a byte an entry."""
+
+    def __init__(self, target: jax.ShapeDtypeStruct):
+        self.target = target
+        self.packed = quant.bits(target.dtype) == 4
+        shape = (*target.shape[:-1], -(-target.shape[-1] // 2)) if self.packed else target.shape
+        self.sharding = _packed_sharding(target.sharding, shape) if self.packed else target.sharding
+        self.leaf = jnp.zeros(shape, np.uint8 if self.packed else target.dtype, device=self.sharding)
+
+    def write(self, index: tuple[int, ...], host: np.ndarray) -> None:
+        """Write `host` [*target.shape[len(index):]] at the stacked `index`; each device receives only what it
+        holds of it (the slice is sharded as the leaf is past its stacked axes)."""
+        if self.packed:
+            host = _pack_int4(host)
+        spec = jax.sharding.PartitionSpec(*self.sharding.spec[len(index):])
+        piece = jax.make_array_from_callback(host.shape, jax.sharding.NamedSharding(self.sharding.mesh, spec),
+                                             lambda shard: host[shard])
+        self.leaf = _written(self.leaf, piece, index)
+
+    def done(self) -> jax.Array:
+        """The leaf, in its target's dtype and sharding."""
+        leaf, self.leaf = self.leaf, None
+        if not self.packed:
+            return leaf
+        unpack = jax.jit(_unpacked_int4, static_argnums=1, out_shardings=self.target.sharding)
+        return unpack(leaf, self.target.shape[-1])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _written(leaf: jax.Array, piece: jax.Array, index: tuple[int, ...]) -> jax.Array:
+    """`leaf` with `piece` at its stacked `index`, updated in place (donated); the index is traced, so that every
+    slice of a leaf runs one program."""
+    return jax.lax.dynamic_update_slice(leaf, piece[(None,) * len(index)], (*index, *(0,) * piece.ndim))
+
+
+def _unpacked_int4(packed: jax.Array, n: int) -> jax.Array:
+    """uint8 [..., ceil(n / 2)] (`_pack_int4`) -> int4 [..., n]."""
+    return jax.lax.bitcast_convert_type(packed, jnp.int4).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def _pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 [..., n] -> uint8 [..., ceil(n / 2)], two entries a byte, the first in the low nibble."""
+    nibbles = q.view(np.uint8) & 0xF  # an int4 entry's byte holds it in its low nibble
+    if nibbles.shape[-1] % 2:
+        nibbles = np.concatenate([nibbles, np.zeros_like(nibbles[..., :1])], axis=-1)
+    return nibbles[..., 0::2] | nibbles[..., 1::2] << 4
+
+
+def _packed_sharding(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+    """An int4 leaf's `sharding` for its bytes of `shape`: the same, except that the last axis is whole where
+    the mesh axes that shard it do not divide its bytes."""
+    spec = [*sharding.spec, *(None,) * (len(shape) - len(sharding.spec))]
+    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],) if spec[-1] else ()
+    if shape[-1] % math.prod(sharding.mesh.shape[name] for name in names):
+        spec[-1] = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))

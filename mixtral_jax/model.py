@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
+from mixtral_jax import quant
 from mixtral_jax import sharding as sh
 from mixtral_jax.backends import Backend
 from mixtral_jax.backends.reference import at_index
@@ -81,6 +82,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.dim, cfg.vocab_size), (sh.EMBED, sh.VOCAB), cfg.param_dtype)
+        vocab = ("embedder",) if cfg.tie_embeddings else ("embedder", "lm_head")
+        quantize_weights(self, cfg, vocab if cfg.quantize_vocab else ())
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, mode: Mode, backend: Backend,
                  cache: KVCache | None = None, logit_index: jax.Array | None = None) -> Output:
@@ -88,7 +91,7 @@ class Transformer(nnx.Module):
         cache, the others with one: its keys and values written, and the tokens attending to what it holds).
         `logit_index` [B]: logits at that index of each row only."""
         cfg = self.config
-        x = backend.embed(self.embedder[...], tokens).astype(cfg.dtype)
+        x = backend.embed(self._vocab_matrix("embedder"), tokens).astype(cfg.dtype)
         x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
         graphdef, layer_weights = nnx.split(self.layers)
         slots = slot_pos = None
@@ -106,10 +109,18 @@ class Transformer(nnx.Module):
         if cache is not None:
             cache = cache.replace(kv=kv)
         x = self.final_norm(x)
-        lm_head = None if cfg.tie_embeddings else self.lm_head.get_value()
-        logits = backend.unembed(x, self.embedder.get_value(), lm_head)
+        lm_head = None if cfg.tie_embeddings else self._vocab_matrix("lm_head")
+        logits = backend.unembed(x, self._vocab_matrix("embedder"), lm_head)
         logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
         return Output(logits, cache, router_logits)
+
+    def _vocab_matrix(self, name: str) -> jax.Array | quant.QTensor:
+        """The embedding table or LM head as stored (the backend casts it where it reads it), or a
+        `quant.QTensor` read as the compute dtype when quantised."""
+        w = getattr(self, name).get_value()
+        if self.scales is None:
+            return w
+        return quant.QTensor(w, getattr(self.scales, name).get_value(), self.config.dtype)
 
 
 def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

@@ -38,6 +38,7 @@ class MemoryPlan:
     max_len: int
     dtype: str
     quantize: str
+    quantize_vocab: bool
     kv_cache_dtype: str
     params_bytes: int
     cache_bytes: int
@@ -61,7 +62,8 @@ class MemoryPlan:
         out = {
             "config": self.config, "mesh": self.mesh, "devices": self.devices, "batch": self.batch,
             "max_len": self.max_len, "dtype": self.dtype, "quantize": self.quantize,
-            "kv_cache_dtype": self.kv_cache_dtype, "param_count": self.param_count,
+            "quantize_vocab": self.quantize_vocab, "kv_cache_dtype": self.kv_cache_dtype,
+            "param_count": self.param_count,
             "per_device": {
                 "params_bytes": self.params_bytes, "cache_bytes": self.cache_bytes,
                 "temp_bytes": self.temp_bytes, "prefill_bytes": self.prefill_bytes,
@@ -82,9 +84,11 @@ def hbm_of(chip: str) -> float:
 
 
 def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str = "bfloat16",
-         quantize: str = "none", kv_cache_dtype: str = "auto", quant_group: int = 128) -> MemoryPlan:
-    """The memory plan of preset (or config JSON path) `config` on mesh spec `mesh`, its large matrices in
-    `quantize`'s format (`quant.py`) and its KV cache in `kv_cache_dtype`.
+         quantize: str = "none", kv_cache_dtype: str = "auto", quant_group: int = 128,
+         quantize_vocab: bool = False) -> MemoryPlan:
+    """The memory plan of preset (or config JSON path) `config` on mesh spec `mesh`, its large matrices (with
+    `quantize_vocab` its embedding table and LM head too) in `quantize`'s format (`quant.py`) and its KV
+    cache in `kv_cache_dtype`.
 
     Compiles in a subprocess with the mesh's number of simulated CPU devices. Loop-invariant code motion is
     off there: the CPU compiler would otherwise hoist a float32 copy of every bfloat16 weight out of the
@@ -98,7 +102,7 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
     flags = (f"--xla_force_host_platform_device_count={n} "
              "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-    args = json.dumps([config, mesh, batch, max_len, dtype, quantize, kv_cache_dtype, quant_group])
+    args = json.dumps([config, mesh, batch, max_len, dtype, quantize, kv_cache_dtype, quant_group, quantize_vocab])
     proc = subprocess.run([sys.executable, "-m", "mixtral_jax.plan", args], env=env, capture_output=True, text=True)
     if proc.returncode:  # one line from a ConfigError; the exception line of anything else
         lines = proc.stderr.strip().splitlines() or ["plan: the compiler process printed nothing"]
@@ -107,7 +111,7 @@ def plan(config: str, mesh: str, batch: int = 1, max_len: int = 4096, dtype: str
 
 
 def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str, quantize: str,
-               kv_cache_dtype: str, quant_group: int) -> MemoryPlan:
+               kv_cache_dtype: str, quant_group: int, quantize_vocab: bool) -> MemoryPlan:
     import jax
     import jax.numpy as jnp
 
@@ -119,8 +123,9 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
 
     cfg = (ModelConfig.load(config) if config.endswith(".json") else preset(config)).with_dtype(dtype)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len), kv_cache_dtype=kv_cache_dtype)
-    if quantize != "none":
-        cfg = quant.quantized_config(cfg, quantize, quant_group if quantize == "int4" else None, config)
+    if quantize != "none" or quantize_vocab:
+        cfg = quant.quantized_config(cfg, quantize, quant_group if quantize == "int4" else None, config,
+                                     quantize_vocab)
     mesh = sh.make_mesh(mesh_spec)
     rules = sh.rules_for(cfg.n_kv_heads, mesh)
     backend = Backend()
@@ -161,7 +166,7 @@ def _plan_here(config: str, mesh_spec: str, batch: int, max_len: int, dtype: str
     (prefill_bytes, prefill_temp), (decode_bytes, decode_temp) = program(prefill_program), program(decode)
     return MemoryPlan(
         config=config, mesh=dict(mesh.shape), batch=batch, max_len=max_len, dtype=dtype, quantize=quantize,
-        kv_cache_dtype=kv_cache_dtype,
+        quantize_vocab=quantize_vocab, kv_cache_dtype=kv_cache_dtype,
         params_bytes=per_device(params), cache_bytes=per_device(state.cache),
         temp_bytes=max(prefill_temp, decode_temp), prefill_bytes=prefill_bytes, decode_bytes=decode_bytes,
         param_count=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)),

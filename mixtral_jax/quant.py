@@ -7,11 +7,15 @@ Formats (`ModelConfig.quantize`):
   than a group).
 
 Every large matrix is quantised: the attention projections, the experts (or a dense model's MLP); the
-embeddings, norms, router and LM head keep their dtype. A quantised module stores its weights under their
-usual names, in int8 or int4 with the same shape and logical axes, and their scales in a `scales` submodule
-(`layers.attn.scales.wq`, `layers.ffn.scales.w1` ...): the scales have the weight's rank, each contracted
-axis shrunk to its number of groups, and keep the weight's axis names except on those axes, which are
-replicated (they are 1/group of the weight's rows at most).
+norms and router keep their dtype, and so do the embedding table and LM head unless
+`ModelConfig.quantize_vocab`: then the LM head [D, V] has a scale per vocabulary entry (int8) or per group
+along D (int4), as the other weights do, and the embedding table [V, D] a scale per row (int8) or per group
+of a row (int4), so that a gathered row comes with its scales (and the tied head [V, D] reads them as its
+output channels' scales). A quantised module stores its weights under their usual names, in int8 or int4
+with the same shape and logical axes, and their scales in a `scales` submodule (`layers.attn.scales.wq`,
+`layers.ffn.scales.w1`, `scales.embedder` ...): the scales have the weight's rank, each contracted axis
+shrunk to its number of groups, and keep the weight's axis names except on those axes, which are replicated
+(they are 1/group of the weight's rows at most).
 
 `dequantize` multiplies the scales back for any shapes of that kind, so the same code reads the checkpoint
 layout ([..., in, out]) and the CPU backend's output-major matrices ([out, in]). Weights are quantised
@@ -36,15 +40,20 @@ from mixtral_jax.errors import ConfigError
 LEVELS = {"int8": 127.0, "int4": 7.0}
 STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
 SCALE_DTYPE = jnp.float32
-# How many leading axes each quantised weight contracts, past its stacked (layer, expert) axes.
-CONTRACTED = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w1": 1, "w3": 1, "w2": 1}
+# Where each quantised weight's contracted axes lie past its stacked (layer, expert) axes: (the axes before
+# them, how many). The embedding table [V, D] contracts D after its vocabulary axis.
+CONTRACTED = {"wq": (0, 1), "wk": (0, 1), "wv": (0, 1), "wo": (0, 2), "w1": (0, 1), "w3": (0, 1), "w2": (0, 1),
+              "embedder": (1, 1), "lm_head": (0, 1)}
+VOCAB_WEIGHTS = ("embedder", "lm_head")  # quantised with `ModelConfig.quantize_vocab`
 
 
-def quantized_config(cfg: ModelConfig, quantize: str, quant_group: int | None,
-                     source: str | os.PathLike = "the checkpoint") -> ModelConfig:
-    """`cfg` with its large matrices in `quantize`'s format (groups of `quant_group`, None: 128); a
-    ConfigError for an unknown format, a group that does not divide the weights, or weights that are
-    quantised already."""
+def quantized_config(cfg: ModelConfig, quantize: str | None, quant_group: int | None,
+                     source: str | os.PathLike = "the checkpoint", vocab: bool = False) -> ModelConfig:
+    """`cfg` with its large matrices in `quantize`'s format (groups of `quant_group`, None: 128), and with
+    `vocab` its embedding table and LM head too; a ConfigError for an unknown format, `vocab` without one, a
+    group that does not divide the weights, or weights that are quantised already."""
+    if vocab and quantize in (None, "none"):
+        raise ConfigError("quantising the embeddings and LM head (--quantize-vocab) needs --quantize int8 or int4")
     if quantize not in QUANTIZE[1:]:
         raise ConfigError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE[1:])}")
     if cfg.quantize != "none":
@@ -52,31 +61,43 @@ def quantized_config(cfg: ModelConfig, quantize: str, quant_group: int | None,
                            "quantising")
     if quant_group is not None and quantize != "int4":
         raise ConfigError(f"a group size applies to int4 only, not {quantize}")
-    return cfg.replace(quantize=quantize, quant_group=quant_group or ModelConfig.quant_group)
+    return cfg.replace(quantize=quantize, quant_group=quant_group or ModelConfig.quant_group, quantize_vocab=vocab)
 
 
 def is_quantized(cfg: ModelConfig, path: str) -> bool:
     """Whether the checkpoint-layout parameter `path` (`layers.attn.wq`) is a quantised weight under `cfg`."""
-    return (cfg.quantize != "none" and path.startswith("layers.") and ".scales." not in path
-            and path.rsplit(".", 1)[-1] in CONTRACTED)
+    if cfg.quantize == "none":
+        return False
+    if path in VOCAB_WEIGHTS:
+        return cfg.quantize_vocab
+    return path.startswith("layers.") and ".scales." not in path and path.rsplit(".", 1)[-1] in CONTRACTED
 
 
 def scale_path(path: str) -> str:
-    """The path of a quantised weight's scales: `layers.attn.wq` -> `layers.attn.scales.wq`."""
-    parent, name = path.rsplit(".", 1)
-    return f"{parent}.scales.{name}"
+    """The path of a quantised weight's scales: `layers.attn.wq` -> `layers.attn.scales.wq`, `embedder` ->
+    `scales.embedder`."""
+    parent, _, name = path.rpartition(".")
+    return f"{parent}.scales.{name}" if parent else f"scales.{name}"
+
+
+def weight_path(path: str) -> str:
+    """The path of the weight whose scales are at `path` (`scale_path`'s inverse)."""
+    parent, _, name = path.rpartition(".")
+    return f"{parent.removesuffix('scales')}{name}"
 
 
 def quantize_slice(cfg: ModelConfig, path: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One (layer) or (layer, expert) slice of the weight `path` in `cfg.quantize`'s format: (q, scales) as host
-    arrays. Loading and converting both quantise through here, so they store the same values."""
-    name = path.rsplit(".", 1)[-1]
-    q, scale = quantize(jnp.asarray(w), cfg.quantize, 0, CONTRACTED[name], cfg.quant_group)
+    """One (layer) or (layer, expert) slice of the weight `path` (an unstacked one whole) in `cfg.quantize`'s
+    format: (q, scales) as host arrays. Loading and converting both quantise through here, so they store the
+    same values."""
+    lead, contracted = CONTRACTED[path.rsplit(".", 1)[-1]]
+    q, scale = quantize(jnp.asarray(w), cfg.quantize, lead, contracted, cfg.quant_group)
     return np.asarray(q), np.asarray(scale)
 
 
 def stacked_slices(cfg: ModelConfig, path: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The (layer) or (layer, expert) indices a weight of `shape` is quantised slice by slice over."""
+    """The (layer) or (layer, expert) indices a weight of `shape` is quantised slice by slice over (`[()]`: an
+    unstacked weight, whole)."""
     return list(itertools.product(*map(range, shape[:stacked_axes(cfg, path)])))
 
 
@@ -90,6 +111,15 @@ class QTensor(NamedTuple):
 
     def dequantized(self) -> jax.Array:
         return dequantize(self.q, self.scale, self.dtype)
+
+    def astype(self, dtype) -> QTensor:
+        """The same weight read as `dtype` (as an array's `astype`, for code that takes either)."""
+        return self._replace(dtype=dtype)
+
+    @property
+    def T(self) -> QTensor:
+        """A matrix transposed, its scales alike."""
+        return QTensor(self.q.T, self.scale.T, self.dtype)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:

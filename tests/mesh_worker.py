@@ -4,10 +4,10 @@ Usage: python -m tests.mesh_worker SPEC...
 Prints one JSON line per mesh (one device first, spec "") with the log-probs of fixed prompts and the
 greedy tokens of `generate` for a ragged batch; one line per model whose KV heads the tensor axis does not
 divide, with its greedy tokens on one device and on the mesh; one line for a `jax.make_mesh` mesh of our axes
-only; one line with the demo model's log-probs and greedy tokens, int4 weights quantised while loading and an
-int8 KV cache, on one device and on `tensor=2,expert=4`; then one line per MoE strategy and backend with the
-largest difference between its expert-parallel run on `expert=4,tensor=2` and the single-device reference
-dispatch.
+only; one line with the demo model's log-probs and greedy tokens, int4 weights (the embedding table and LM
+head included) quantised while loading and an int8 KV cache, on one device and on `tensor=2,expert=4`; then
+one line per MoE strategy and backend with the largest difference between its expert-parallel run on
+`expert=4,tensor=2` and the single-device reference dispatch.
 """
 
 import json
@@ -43,7 +43,7 @@ def main(specs: list[str]) -> None:
         PROMPTS, NEW_TOKENS, stop_at_eos=False)}), flush=True)
     quantized = []
     for spec in (None, "tensor=2,expert=4"):  # int4 weights quantised while loading, an int8 KV cache
-        model = demo.load(mesh=spec, quantize="int4", kv_cache_dtype="int8")
+        model = demo.load(mesh=spec, quantize="int4", quantize_vocab=True, kv_cache_dtype="int8")
         quantized.append({"logprobs": np.asarray(jax.nn.log_softmax(model.logits(ids))).tolist(),
                           "tokens": model.generate(PROMPTS, NEW_TOKENS, stop_at_eos=False)})
     print(json.dumps({"quantized": quantized}), flush=True)

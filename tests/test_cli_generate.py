@@ -64,7 +64,7 @@ def test_cli_score_json_is_within_2e_4_of_transformers_logprobs(capsys, hf_mixtr
 def default_model():
     """The built-in default model, made once for the tests that run it in this process."""
     return _common.load_model(argparse.Namespace(checkpoint=None, dtype=None, mesh=None, backend=None, quantize=None,
-                                                 quant_group=None, kv_cache_dtype=None))
+                                                 quant_group=None, quantize_vocab=False, kv_cache_dtype=None))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,22 @@ def test_readme_command_streams_the_same_text_and_names_the_default_model(defaul
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == default_json["text"] + "\n"
     assert "mixtral-jax: note: no --checkpoint given: running " in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [None, "off"])
+def test_compiled_programs_are_kept_in_the_user_cache_unless_off(tmp_path, flag):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.run([CLI, "generate", "--prompt", README_PROMPT, "--max-new-tokens", "2",
+                           *(["--compile-cache", flag] if flag else [])], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    cache = tmp_path / ".cache" / "mixtral-jax" / "xla"
+    if flag == "off":
+        assert not cache.exists()
+    else:
+        assert len(list(cache.iterdir())) >= 2  # the prefill and the decode programs at least
 
 
 def _chat(capsys, monkeypatch, model, stdin: str, *argv: str, answer: list[int] | None = None):

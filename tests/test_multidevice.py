@@ -76,8 +76,9 @@ def test_a_jax_mesh_of_some_of_our_axes_is_accepted(mesh_results):
 @pytest.mark.slow
 @pytest.mark.multidevice
 def test_int4_weights_quantized_while_loading_shard_like_one_device(mesh_results):
-    """The demo model, int4 weights quantised as they are read into `tensor=2,expert=4` shardings (scales
-    included) and an int8 KV cache: one device's log-probs within 1e-4 and its greedy tokens."""
+    """The demo model, int4 weights (the embedding table and LM head included) quantised as they are read into
+    `tensor=2,expert=4` shardings (scales included) and an int8 KV cache: one device's log-probs within 1e-4
+    and its greedy tokens."""
     one, mesh = mesh_results[-1]
     np.testing.assert_allclose(mesh["logprobs"], one["logprobs"], atol=1e-4, rtol=0)
     assert mesh["tokens"] == one["tokens"]

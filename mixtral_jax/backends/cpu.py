@@ -8,9 +8,9 @@ experts picked out of [E, D, F] copy every weight a step reads: a decode step wo
 times instead of once. The split layout (`split`, chosen for one CPU device once the layer weights outgrow
 the caches) holds each layer's weights, and each expert's, in buffers of their own: the layers run
 unrolled, the expert matrices (and their scales) are tuples of E output-major arrays [out, in], the LM
-head is output-major [V, D], and every matmul reads its weights where they lie. It is the only copy the
-handle holds (`place` builds it slice by slice). The checkpoint layout stays the public one: checkpoints,
-training, export and expert parallelism use stacked weights (`split=False`).
+head (and its scales) is output-major [V, D], and every matmul reads its weights where they lie. It is the
+only copy the handle holds (`place` builds it slice by slice). The checkpoint layout stays the public one:
+checkpoints, training, export and expert parallelism use stacked weights (`split=False`).
 
 Other XLA:CPU behaviours this module works around, each where it applies: a bfloat16 product with a
 bfloat16 result widens its weights to float32 on every call (products accumulate in float32); a lone
@@ -51,6 +51,7 @@ DIGITS = 3  # int8 digits of a row in `int8_times`: its error is then under 1e-7
 # to compile.
 BLOCKS = (256, 192, 128, 96, 64, 48, 32, 16, 8, 4, 2, 1)
 SWITCH_CHOICES = 16  # the most expert choices the split layout's `chosen_ffn` runs as switches
+HEAD = ("lm_head", quant.scale_path("lm_head"))  # output-major in the split layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ class CpuBackend(reference.Backend):
         out = {}
         for path, value in leaves.items():
             axes = stacked_axes(cfg, path)
-            if path == "lm_head":
+            if path in HEAD:
                 out[path] = _transposed(value)
             elif axes == 2:
                 out[path] = jnp.stack([jnp.stack([_transposed(w) for w in layer]) for layer in value])
@@ -126,14 +127,15 @@ class CpuBackend(reference.Backend):
             return self.dense(spec, jnp.concatenate([x, x]), w, dtype)[:1]
         return super().dense(spec, x, w, dtype)
 
-    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+    def embed(self, table: jax.Array | quant.QTensor, ids: jax.Array) -> jax.Array:
         """16-bit tables are gathered as raw bits: XLA:CPU widens a bfloat16 table whole to float32 for a
         gather, and hoists that copy out of the decode loop."""
-        if table.dtype.itemsize != 2:
-            return table[ids]
+        if isinstance(table, quant.QTensor) or table.dtype.itemsize != 2:
+            return super().embed(table, ids)
         return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(table, jnp.uint16)[ids], table.dtype)
 
-    def unembed(self, x: jax.Array, embedder: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+    def unembed(self, x: jax.Array, embedder: jax.Array | quant.QTensor,
+                lm_head: jax.Array | quant.QTensor | None) -> jax.Array:
         """Split: the head is output-major [V, D] (the tied embedder already is), multiplied by `times`."""
         if not self.split:
             return super().unembed(x, embedder, lm_head)
@@ -428,9 +430,9 @@ def _split_leaf(cfg: ModelConfig, path: str, part: Callable[[tuple[int, ...]], j
                 output_major: Callable[[jax.Array], jax.Array]) -> Any:
     """A checkpoint-layout leaf in the split layout, from `part(index)` (its slice at a stacked index): layer
     weights as a tuple of L buffers, expert matrices (and their scales) a tuple of L tuples of E
-    output-major buffers, the LM head output-major, the rest whole."""
+    output-major buffers, the LM head (and its scales) output-major, the rest whole."""
     axes = stacked_axes(cfg, path)
-    if path == "lm_head":
+    if path in HEAD:
         return output_major(part(()))
     if axes == 2:
         return tuple(tuple(output_major(part((i, e))) for e in range(cfg.n_experts)) for i in range(cfg.n_layers))

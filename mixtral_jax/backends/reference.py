@@ -114,12 +114,17 @@ class Backend:
             w = w.dequantized()
         return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
-    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
-        """table [V, D] at ids [B, T] -> [B, T, D]."""
+    def embed(self, table: jax.Array | quant.QTensor, ids: jax.Array) -> jax.Array:
+        """table [V, D] at ids [B, T] -> [B, T, D]; a quantised table's rows are gathered with their scales,
+        then multiplied back."""
+        if isinstance(table, quant.QTensor):
+            return quant.dequantize(self.embed(table.q, ids), self.embed(table.scale, ids), table.dtype)
         return table[ids]
 
-    def unembed(self, x: jax.Array, embedder: jax.Array, lm_head: jax.Array | None) -> jax.Array:
-        """Logits [B, T, V] float32 of x [B, T, D] through the LM head [D, V] (None: the tied embedder [V, D])."""
+    def unembed(self, x: jax.Array, embedder: jax.Array | quant.QTensor,
+                lm_head: jax.Array | quant.QTensor | None) -> jax.Array:
+        """Logits [B, T, V] float32 of x [B, T, D] through the LM head [D, V] (None: the tied embedder [V, D]),
+        either an array or a `quant.QTensor`."""
         head = embedder.T if lm_head is None else lm_head
         return self.dense("BTD,DV->BTV", x, head.astype(x.dtype), jnp.float32)
 

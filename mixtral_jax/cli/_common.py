@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from mixtral_jax.errors import MixtralError
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
     from mixtral_jax.tokenizer import Tokenizer
+
+COMPILE_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mixtral-jax", "xla")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,11 +34,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(docs/quantization.md; default: as stored)")
     p.add_argument("--quant-group", type=_args.positive_int, metavar="N",
                    help="int4: entries per scale along the contracted dimension (default 128)")
+    p.add_argument("--quantize-vocab", action="store_true",
+                   help="with --quantize: the embedding table and LM head too (default: they keep their dtype)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    help="int8: keys and values in int8 with a scale per token and KV head (default auto: the "
                         "compute dtype)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load a Hugging Face or Mistral folder whose weights hold NaN or inf (refused by default)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep compiled programs here, so that the next start with the same model, mesh and shapes "
+                        "loads them rather than compiling; 'off' for none (default: $JAX_COMPILATION_CACHE_DIR, "
+                        f"else {COMPILE_CACHE})")
     distributed.add_distributed_args(p)
 
 
@@ -61,7 +70,8 @@ def load_model(args: argparse.Namespace) -> Mixtral:
     import mixtral_jax
     from mixtral_jax import demo
 
-    options = dict(quantize=args.quantize, quant_group=args.quant_group, kv_cache_dtype=args.kv_cache_dtype)
+    options = dict(quantize=args.quantize, quant_group=args.quant_group, quantize_vocab=args.quantize_vocab,
+                   kv_cache_dtype=args.kv_cache_dtype)
     if args.checkpoint is not None:
         return mixtral_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh, backend=args.backend,
                                 allow_non_finite=args.allow_non_finite, **options)
@@ -70,10 +80,21 @@ def load_model(args: argparse.Namespace) -> Mixtral:
     return model
 
 
+def use_compile_cache(folder: str | None) -> None:
+    """JAX's persistent compilation cache in `folder` ('off': none; None: $JAX_COMPILATION_CACHE_DIR, which JAX
+    reads itself, else `COMPILE_CACHE`), set before the first program compiles."""
+    if folder == "off" or (folder is None and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder or COMPILE_CACHE))
+
+
 def start(args: argparse.Namespace) -> tuple[Mixtral, Tokenizer | None]:
     """Join the multi-host job (before any other JAX use), then the model, running with its tokenizer (which
     decides the end-of-sequence id and which ids may be sampled)."""
     distributed.from_args(args)
+    use_compile_cache(args.compile_cache)
     model = load_model(args)
     tokenizer = tokenizer_for(model, args.tokenizer)
     if tokenizer is not None and tokenizer is not model.tokenizer:

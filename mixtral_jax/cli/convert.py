@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="store the attention and expert weights quantised (docs/quantization.md)")
     p.add_argument("--quant-group", type=_args.positive_int, metavar="N",
                    help="int4: entries per scale along the contracted dimension (default 128)")
+    p.add_argument("--quantize-vocab", action="store_true",
+                   help="with --quantize: store the embedding table and LM head quantised too")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it exists and is a folder mixtral-jax wrote, holding nothing else, "
                         "that neither is nor holds the source")
@@ -36,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
     # A progress bar only on a terminal: in a log or a pipe it would be lines of carriage returns.
     print(convert(args.source, args.output, dtype=args.dtype, force=args.force, progress=sys.stderr.isatty(),
-                  allow_non_finite=args.allow_non_finite, quantize=args.quantize, quant_group=args.quant_group))
+                  allow_non_finite=args.allow_non_finite, quantize=args.quantize, quant_group=args.quant_group,
+                  quantize_vocab=args.quantize_vocab))
     return 0

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
                    help="attention and expert weights in int8 or int4 (docs/quantization.md; default none)")
     p.add_argument("--quant-group", type=_args.positive_int, default=128, metavar="N",
                    help="int4: entries per scale along the contracted dimension (default 128)")
+    p.add_argument("--quantize-vocab", action="store_true",
+                   help="with --quantize: the embedding table and LM head too (docs/quantization.md)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="int8: the KV cache in int8 with a scale per token and KV head (default auto: --dtype)")
     fit = p.add_mutually_exclusive_group()
@@ -38,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
     hbm = plan.hbm_of(args.chip) if args.chip else args.hbm_gb
     result = plan.plan(args.config, args.mesh, args.batch, args.max_len, args.dtype, args.quantize,
-                       args.kv_cache_dtype, args.quant_group)
+                       args.kv_cache_dtype, args.quant_group, args.quantize_vocab)
     if args.json:
         print(json.dumps(result.to_json(hbm)))
         return 0
     mesh = ",".join(f"{k}={v}" for k, v in result.mesh.items() if v > 1) or "one device"
     formats = args.dtype + ("" if args.quantize == "none" else f", {args.quantize} weights") + (
+        " (vocabulary too)" if args.quantize_vocab else "") + (
         ", int8 KV cache" if args.kv_cache_dtype == "int8" else "")
     print(f"{args.config} ({result.param_count / 1e9:.1f}B parameters, {formats}) on {mesh} "
           f"({result.devices} devices), batch {args.batch}, {args.max_len} tokens; per device:")

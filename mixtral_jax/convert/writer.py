@@ -5,9 +5,9 @@ mapping rule, cast, and written into its slice of the stacked Orbax array; tenso
 `BLOCK_BYTES` whose transform allows it (`mapping.ROW_AXIS`) go in blocks of rows. Peak memory is a few
 blocks, or the largest tensor that must be whole, beyond the libraries, whatever the model's size.
 Each block is checked for NaN and inf as it is read. With `quantize`, each (layer) or (layer, expert) slice
-of a quantised weight is read whole, quantised (`quant.quantize_slice`, as a quantising load does) and
-written with its scales. The output appears only when complete (`outputs.staging`): a refused tensor
-leaves nothing behind.
+of a quantised weight (the embedding table or LM head: the whole tensor) is read whole, quantised
+(`quant.quantize_slice`, as a quantising load does) and written with its scales. The output appears only
+when complete (`outputs.staging`): a refused tensor leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -31,18 +31,19 @@ BLOCK_BYTES = 32 << 20
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
             force: bool = False, progress: bool = True, allow_non_finite: bool = False,
-            quantize: str | None = None, quant_group: int | None = None) -> Path:
+            quantize: str | None = None, quant_group: int | None = None, quantize_vocab: bool = False) -> Path:
     """Convert the checkpoint folder `source` into the model folder `output` (stored in `dtype`, None:
     the source's; its large matrices in `quantize`'s format, `int8` or `int4` in groups of `quant_group`,
-    `quant.py`). Every tensor is checked against the config before anything is written, and its values
-    as they are read: a NaN or inf refuses the conversion unless `allow_non_finite`."""
+    and with `quantize_vocab` its embedding table and LM head too, `quant.py`). Every tensor is checked
+    against the config before anything is written, and its values as they are read: a NaN or inf refuses the
+    conversion unless `allow_non_finite`."""
     if checkpoint.is_checkpoint(source):
         raise CheckpointError(f"{source}: already a converted model folder; load it with mixtral_jax.load")
     src = open_source(source)
     src.check()
     cfg = src.config.with_dtype(dtype)
-    if quantize not in (None, "none"):
-        cfg = quant.quantized_config(cfg, quantize, quant_group, source)
+    if quantize not in (None, "none") or quantize_vocab:
+        cfg = quant.quantized_config(cfg, quantize, quant_group, source, quantize_vocab)
     rules = mapping.rules_for(src.naming, cfg)
     abstract = nnx.to_pure_dict(model.abstract(cfg)[1])
     specs = {}
