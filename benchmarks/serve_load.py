@@ -2,6 +2,7 @@
 
 Run: python -m benchmarks.serve_load [--servers offline,ours,transformers] [--concurrency 1,8,32]
      [--requests R] [--checkpoint DIR] [--max-slots N] [--dtype float32] [--device cpu] [--quick]
+     [--ours-flags "--steps 2"]
 
 The workload is fixed by a seed: R requests (default 128) whose prompts are 16 to 400 tokens of words from
 the tokenizer's vocabulary (each word one token, so both servers' tokenizers give the same ids, which is
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -191,7 +193,7 @@ def start(name: str, folder: Path, args: argparse.Namespace, slots: int, max_len
     common_flags = ["--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port)]
     if name == "ours":
         argv = [sys.executable, "-m", "mixtral_jax", "serve", "--checkpoint", str(folder), "--max-slots", str(slots),
-                "--max-len", str(max_len), "--model-name", "mixtral-jax", *common_flags]
+                "--max-len", str(max_len), "--model-name", "mixtral-jax", *common_flags, *shlex.split(args.ours_flags)]
         label = f"ours ({slots} slot{'s' if slots > 1 else ''})"
         return Server(label, argv, port, "mixtral-jax", logs / f"ours-{slots}.log")
     argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching",
@@ -300,6 +302,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=common.CHECKPOINT, help="Hugging Face checkpoint folder")
     parser.add_argument("--max-slots", type=int, help="our server's slots (default: one per client)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--ours-flags", default="", help='more flags for our server, e.g. "--steps 2"')
     parser.add_argument("--device", default="cpu", help="transformers serve's --device (ours: JAX's default)")
     parser.add_argument("--quick", action="store_true", help="8 short requests at 1 and 4 clients: does it run")
     args = parser.parse_args()
