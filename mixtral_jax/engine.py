@@ -450,10 +450,14 @@ class Engine:
     def step(self, n: int | None = None) -> Tokens:
         """Up to `n` (default `steps`) decode steps over every slot -> the new tokens [n, slots], -1 where
         none (every slot, once all are done)."""
-        model = self.model
+        model, layout = self.model, self.state.cache.pos.sharding
         with model.context():
             self.state, new = self._programs.decode(model.graphdef, model.params, self.state, backend=model.backend,
                                                     n=n or self.steps, **self._static())
+            # the loop may hand the slot positions back in its carry's sharding: the programs that take the state
+            # next were compiled for the one the others leave (equivalent, but another program to compile)
+            pos = jax.device_put(self.state.cache.pos, layout)
+        self.state = self.state.replace(cache=self.state.cache.replace(pos=pos))
         return jax.tree.map(fetch, new)
 
     def decoding(self) -> bool:
@@ -489,8 +493,8 @@ class Engine:
 
     def compile_all(self) -> int:
         """Compile the prefill of every prompt bucket (alone, in a group, and the chunks of a longer prompt), the
-        decode round and the cancel, by running each once in free slots: after this, requests never compile ->
-        the number of prefill programs."""
+        decode round (of `steps` steps, and of one) and the cancel, by running each once in free slots: after
+        this, requests never compile -> the number of prefill programs."""
         lengths, n = [], 1
         while n <= self.chunk and n < self.max_len:
             lengths.append([min(bucket(n), self.max_len - 1)])
@@ -508,4 +512,5 @@ class Engine:
             for slot in slots:
                 self.cancel(slot)
         self.step()
+        self.step(1)
         return len(lengths)

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
 from mixtral_jax import demo  # noqa: E402
-from mixtral_jax.engine import Engine  # noqa: E402
+from mixtral_jax.engine import Engine, programs  # noqa: E402
 from mixtral_jax.serve.app import Metrics, create_app  # noqa: E402
 from mixtral_jax.serve.scheduler import Job, Scheduler  # noqa: E402
 
@@ -69,7 +69,7 @@ def _offline(model, prompts: list[list[int]], limits: list[int]) -> list[tuple[s
 
 def test_concurrent_greedy_requests_of_both_kinds_equal_offline_generate(served):
     """32 requests at once through 4 slots: completions and chats, whole and streamed, of mixed prompt lengths
-    and limits; each gets what greedy `generate` gives its prompt alone."""
+    and limits; each gets what greedy `generate` gives its prompt alone, and none compiles a program."""
     model, client, _, _ = served
     rng = np.random.default_rng(0)
     words = "def class return import self value list the of for in if else while".split()
@@ -95,8 +95,11 @@ def test_concurrent_greedy_requests_of_both_kinds_equal_offline_generate(served)
             pieces = [choices[0].message.content if chat else choices[0].text]
         return "".join(pieces), choices[-1].finish_reason, usage.completion_tokens
 
+    compiled = programs(model.backend)
+    before = [program._cache_size() for program in compiled]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
+    assert [program._cache_size() for program in compiled] == before  # start-up compiled every program it ran
     tok = model.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p) for p, _, chat, _ in jobs]
     for job, expected, (text, reason, used) in zip(jobs, _offline(model, prompts, [j[1] for j in jobs]), answers):
