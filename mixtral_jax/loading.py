@@ -176,8 +176,7 @@ class _Filling:
         leaf, self.leaf = self.leaf, None
         if not self.packed:
             return leaf
-        unpack = jax.jit(_unpacked_int4, static_argnums=1, out_shardings=self.target.sharding)
-        return unpack(leaf, self.target.shape[-1])
+        return _unpacked_int4(leaf, self.target.shape[-1], self.target.sharding)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -187,9 +186,12 @@ def _written(leaf: jax.Array, piece: jax.Array, index: tuple[int, ...]) -> jax.A
     return jax.lax.dynamic_update_slice(leaf, piece[(None,) * len(index)], (*index, *(0,) * piece.ndim))
 
 
-def _unpacked_int4(packed: jax.Array, n: int) -> jax.Array:
-    """uint8 [..., ceil(n / 2)] (`_pack_int4`) -> int4 [..., n]."""
-    return jax.lax.bitcast_convert_type(packed, jnp.int4).reshape(*packed.shape[:-1], -1)[..., :n]
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unpacked_int4(packed: jax.Array, n: int, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    """uint8 [..., ceil(n / 2)] (`_pack_int4`) -> int4 [..., n] in `sharding` (one program for the leaves of
+    one shape and sharding, as w1 and w3)."""
+    unpacked = jax.lax.bitcast_convert_type(packed, jnp.int4).reshape(*packed.shape[:-1], -1)[..., :n]
+    return jax.lax.with_sharding_constraint(unpacked, sharding)
 
 
 def _pack_int4(q: np.ndarray) -> np.ndarray:
