@@ -4,6 +4,7 @@ and is the only copy of the weights a handle holds."""
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -134,6 +135,11 @@ def test_split_quantized_equals_stacked(fmt):
                                                                                   groups, CFG.dim)
     np.testing.assert_allclose(split_model.logits(ids), stacked.logits(ids), atol=2e-5, rtol=1e-5)
     assert split_model.generate([PROMPTS[0]], 8) == stacked.generate([PROMPTS[0]], 8)
+    w2 = split_model.params["layers"]["ffn"]["w2"].get_value()[0][0]  # output-major [D, F]
+    assert (w2.shape, w2.dtype) == (((CFG.dim, CFG.ffn_dim), jnp.int8) if fmt == "int8" else
+                                    ((CFG.dim, CFG.ffn_dim // 2), jnp.uint8))  # int4 two entries to a byte
+    for path, value in split_model.checkpoint_params().items():  # the checkpoint layout unpacks them
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(stacked.checkpoint_params()[path]), err_msg=path)
 
 
 def test_auto_splits_large_models_on_one_cpu_device_only():

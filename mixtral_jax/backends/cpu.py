@@ -18,7 +18,9 @@ bfloat16 row multiplies in a generic loop (it runs as two); a bfloat16 table is 
 (gathered as raw bits); a loop-carried buffer is copied twice a step without region analysis; a 16-bit
 cache buffer is widened whole for each write (the split cache of a 16-bit model is float32, which holds its
 values exactly); a few rows multiply faster by an output-major matrix in column form; quantised weights are
-dequantised whole before a float product (few rows meet int8 ones in int8 products, `int8_times`).
+dequantised whole before a float product (few rows meet int8 ones in int8 products, `int8_times`); int4
+arrays convert to wider types in a loop several times slower than bytes do (the split layout holds its
+output-major int4 matrices two entries to a byte, `packed_int4`).
 docs/performance.md has the measurements.
 """
 
@@ -101,9 +103,9 @@ class CpuBackend(reference.Backend):
         for path, value in leaves.items():
             axes = stacked_axes(cfg, path)
             if path in HEAD:
-                out[path] = _transposed(value)
+                out[path] = _transposed(_int4(cfg, value))
             elif axes == 2:
-                out[path] = jnp.stack([jnp.stack([_transposed(w) for w in layer]) for layer in value])
+                out[path] = jnp.stack([jnp.stack([_transposed(_int4(cfg, w)) for w in layer]) for layer in value])
             elif axes == 1:
                 out[path] = jnp.stack(value)
             else:
@@ -287,7 +289,7 @@ def times(x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
     if isinstance(w, quant.QTensor):
         if len(x) <= INT8_ROWS and w.q.dtype == jnp.int8:
             return int8_times(x, w).astype(dtype)
-        w = w.dequantized()
+        w = _dense_weight(w)
     if lone_bf16_row(len(x), x.dtype):
         return times(jnp.concatenate([x, x]), w, dtype)[:1]
     if len(x) >= ROW_FORM_FROM:
@@ -430,12 +432,19 @@ def _split_leaf(cfg: ModelConfig, path: str, part: Callable[[tuple[int, ...]], j
                 output_major: Callable[[jax.Array], jax.Array]) -> Any:
     """A checkpoint-layout leaf in the split layout, from `part(index)` (its slice at a stacked index): layer
     weights as a tuple of L buffers, expert matrices (and their scales) a tuple of L tuples of E
-    output-major buffers, the LM head (and its scales) output-major, the rest whole."""
+    output-major buffers (int4 ones packed, `packed_int4`), the LM head (and its scales) output-major, the
+    rest whole."""
     axes = stacked_axes(cfg, path)
+
+    def matrix(index):
+        w = output_major(part(index))
+        group = _packing_group(cfg, w.shape[1])
+        return packed_int4(w, group) if w.dtype == jnp.int4 and group % 2 == 0 else w
+
     if path in HEAD:
-        return output_major(part(()))
+        return matrix(())
     if axes == 2:
-        return tuple(tuple(output_major(part((i, e))) for e in range(cfg.n_experts)) for i in range(cfg.n_layers))
+        return tuple(tuple(matrix((i, e)) for e in range(cfg.n_experts)) for i in range(cfg.n_layers))
     if axes == 1:
         return tuple(part((i,)) for i in range(cfg.n_layers))
     return part(())
@@ -453,15 +462,51 @@ def _transposed(w: jax.Array) -> jax.Array:
 
 def _expert(experts: Experts, e: int, dtype) -> tuple[Any, Any, Any]:
     """Split expert e's w1, w3 [F, D] and w2 [D, F] read as `dtype`: arrays, or `quant.QTensor` with their scales
-    [out, groups]. Called where a branch multiplies by them, so that only that expert is cast."""
+    [out, groups] (int4 ones packed, `packed_int4`). Called where a branch multiplies by them, so that only that
+    expert is cast."""
     if experts.scales is None:
         return tuple(w[e].astype(dtype) for w in experts[:3])
     return tuple(quant.QTensor(w[e], s[e], dtype) for w, s in zip(experts[:3], experts.scales))
 
 
 def _dense_weight(w: jax.Array | quant.QTensor) -> jax.Array:
-    """A weight as an array (quantised ones dequantised)."""
-    return w.dequantized() if isinstance(w, quant.QTensor) else w
+    """A weight as an array (quantised ones dequantised, packed int4 ones unpacked on the way)."""
+    if not isinstance(w, quant.QTensor):
+        return w
+    if w.q.dtype != jnp.uint8:
+        return w.dequantized()
+    o, groups = w.scale.shape
+    grouped = _nibbles(w.q, groups).astype(jnp.float32) * w.scale[:, :, None, None]
+    return grouped.reshape(o, -1).astype(w.dtype)
+
+
+def _packing_group(cfg: ModelConfig, n_in: int) -> int:
+    """The int4 group of an output-major matrix with `n_in` contracted entries (one group if they are fewer)."""
+    return min(cfg.quant_group, n_in)
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def packed_int4(w: jax.Array, group: int) -> jax.Array:
+    """An output-major int4 matrix [O, I] two entries to a byte, uint8 [O, I / 2]: byte j of a group holds the
+    group's entry j in its low nibble and entry j + group / 2 in its high one, so that unpacking (shifts of
+    bytes) lays the halves side by side rather than interleaving them."""
+    o, n_in = w.shape
+    halves = jax.lax.bitcast_convert_type(w.astype(jnp.int8), jnp.uint8).reshape(o, n_in // group, 2, group // 2)
+    return ((halves[:, :, 0] & 0xF) | (halves[:, :, 1] << 4)).reshape(o, n_in // 2)
+
+
+def _nibbles(packed: jax.Array, groups: int) -> jax.Array:
+    """`packed_int4`'s bytes [O, I / 2] as their entries, int8 [O, groups, 2, group / 2] (each group's halves)."""
+    b = jax.lax.bitcast_convert_type(packed, jnp.int8).reshape(packed.shape[0], groups, -1)
+    return jnp.stack([jnp.left_shift(b, 4) >> 4, b >> 4], axis=2)  # arithmetic shifts sign-extend
+
+
+def _int4(cfg: ModelConfig, w: jax.Array) -> jax.Array:
+    """A split-layout matrix with int4 entries as int4 (`packed_int4`'s inverse); other matrices as they are."""
+    if w.dtype != jnp.uint8:
+        return w
+    o, n_half = w.shape
+    return _nibbles(w, 2 * n_half // _packing_group(cfg, 2 * n_half)).reshape(o, -1).astype(jnp.int4)
 
 
 def _own(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
