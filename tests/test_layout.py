@@ -123,7 +123,7 @@ def _materialised(hlo: str, ops: bool = False) -> list:
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_split_quantized_equals_stacked(fmt):
-    """The split layout's quantised weights (int8 products at few rows, int4 dequantised) against the stacked
+    """The split layout's quantised weights (output-major, int4 ones packed) against the stacked
     layout's dequantised ones."""
     cfg = CFG.replace(quantize=fmt, quant_group=32)
     split_model = mixtral_jax.init_random(cfg, seed=3, backend=SPLIT)

@@ -18,9 +18,9 @@ bfloat16 row multiplies in a generic loop (it runs as two); a bfloat16 table is 
 (gathered as raw bits); a loop-carried buffer is copied twice a step without region analysis; a 16-bit
 cache buffer is widened whole for each write (the split cache of a 16-bit model is float32, which holds its
 values exactly); a few rows multiply faster by an output-major matrix in column form; quantised weights are
-dequantised whole before a float product (few rows meet int8 ones in int8 products, `int8_times`); int4
-arrays convert to wider types in a loop several times slower than bytes do (the split layout holds its
-output-major int4 matrices two entries to a byte, `packed_int4`).
+dequantised into a temporary before a float product, which reads it from the caches; int4 arrays convert to
+wider types in a loop several times slower than bytes do (the split layout holds its output-major int4
+matrices two entries to a byte, `packed_int4`).
 docs/performance.md has the measurements.
 """
 
@@ -43,9 +43,6 @@ from mixtral_jax.config import ModelConfig, stacked_axes
 
 SPLIT_FROM_BYTES = 64 << 20  # the split layout from this many bytes of layer weights (twice a large L3 cache)
 ROW_FORM_FROM = 128  # `times` multiplies this many rows and more in row form (faster from 128-192 rows)
-INT8_ROWS = 8  # `times` multiplies int8 weights by up to this many rows in int8 products
-INT8_MAX = 127.0
-DIGITS = 3  # int8 digits of a row in `int8_times`: its error is then under 1e-7 of the row's largest entry
 # Rows per expert matmul in the grouped path, largest first (`block_sizes` picks some by the mean rows per
 # expert). A block costs about one read of the expert's weights plus a little per row, so the sizes for a
 # prefill's typical 20-60 rows per expert lie close together; at hundreds of rows a block costs about its
@@ -116,15 +113,7 @@ class CpuBackend(reference.Backend):
 
     def dense(self, spec: str, x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
         """Accumulated in float32 (XLA:CPU widens the weights of a bfloat16 product with a bfloat16 result on
-        every call); a lone bfloat16 row runs as two. An int8 weight [in, ...] meets up to INT8_ROWS rows
-        x [B, T, in] in int8 products (`int8_times`), as the experts do."""
-        inputs = spec.split("->")[0].split(",")
-        if (isinstance(w, quant.QTensor) and w.q.dtype == jnp.int8 and x.shape[0] * x.shape[1] <= INT8_ROWS
-                and len(inputs[0]) == 3 and inputs[0][-1] == inputs[1][0]):
-            b, t, n = x.shape
-            flat = quant.QTensor(w.q.reshape(n, -1), w.scale.reshape(1, -1), w.dtype)
-            y = int8_times(x.reshape(b * t, n), flat, in_major=True)
-            return y.reshape((b, t) + w.q.shape[1:]).astype(dtype or x.dtype)
+        every call); a lone bfloat16 row runs as two."""
         if lone_bf16_row(x.shape[0] * x.shape[1], x.dtype):
             return self.dense(spec, jnp.concatenate([x, x]), w, dtype)[:1]
         return super().dense(spec, x, w, dtype)
@@ -283,42 +272,16 @@ def lone_bf16_row(rows: int, dtype) -> bool:
 def times(x: jax.Array, w: jax.Array | quant.QTensor, dtype=None) -> jax.Array:
     """x [M, in] times an output-major w [out, in] -> [M, out], accumulated in float32 and returned in
     `dtype` (default x's): few rows in column form (w @ x.T, the output transposed after a barrier, which XLA
-    would fold into row form), many in row form; a lone bfloat16 row as two. Int8 weights meet up to
-    INT8_ROWS rows in int8 products (`int8_times`), more rows meet them dequantised, as int4 ones always."""
+    would fold into row form), many in row form; a lone bfloat16 row as two. Quantised weights are
+    dequantised first."""
     dtype = dtype or x.dtype
-    if isinstance(w, quant.QTensor):
-        if len(x) <= INT8_ROWS and w.q.dtype == jnp.int8:
-            return int8_times(x, w).astype(dtype)
-        w = _dense_weight(w)
+    w = _dense_weight(w)
     if lone_bf16_row(len(x), x.dtype):
         return times(jnp.concatenate([x, x]), w, dtype)[:1]
     if len(x) >= ROW_FORM_FROM:
         return jnp.einsum("MI,OI->MO", x, w, preferred_element_type=jnp.float32).astype(dtype)
     column = jnp.einsum("OI,MI->OM", w, x, preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(column).T.astype(dtype)
-
-
-def int8_times(x: jax.Array, w: quant.QTensor, in_major: bool = False) -> jax.Array:
-    """x [M, in] times int8 w [out, in] (scales [out, 1]; `in_major`: w [in, out], scales [1, out]) -> [M, out]
-    float32, as int8 products: each row of x becomes DIGITS
-    int8 rows, each the rounding error of the ones before in a step 254x finer (so the sum of digits times
-    steps is x to 1e-7 of its largest entry), multiplied by q in one int32 product ([DIGITS * M, in]: no
-    lone row either) and added back with the steps and w's scales. Sums stay in int32 for in < 2^31 /
-    127^2 = 133,000. Faster than a float product over the weights dequantised at up to INT8_ROWS rows,
-    much slower at tens of rows (docs/performance.md)."""
-    x = x.astype(jnp.float32)
-    step = jnp.max(jnp.abs(x), axis=1, keepdims=True) / INT8_MAX  # [M, 1]
-    step = jnp.where(step > 0, step, 1.0)
-    digits, steps = [], []
-    for _ in range(DIGITS):
-        digit = jnp.clip(jnp.round(x / step), -INT8_MAX, INT8_MAX)
-        digits.append(digit.astype(jnp.int8))
-        steps.append(step)
-        x, step = x - digit * step, step / (2 * INT8_MAX)
-    column = jnp.einsum("IO,RI->OR" if in_major else "OI,RI->OR", w.q, jnp.concatenate(digits),
-                        preferred_element_type=jnp.int32)
-    y = jax.lax.optimization_barrier(column).T.astype(jnp.float32) * jnp.concatenate(steps)  # [DIGITS * M, out]
-    return jnp.sum(y.reshape(DIGITS, -1, y.shape[-1]), axis=0) * (w.scale if in_major else w.scale.T)
 
 
 # ---- the grouped expert FFN -------------------------------------------------------------------------------
@@ -367,8 +330,7 @@ def blocked_ffn(xs: jax.Array, group_sizes: jax.Array, expert: Callable[[int, An
         return jax.lax.fori_loop(0, count, one_block, ys)
 
     def used_expert(e, ys):
-        w = expert(e, operand)
-        dense = tuple(_dense_weight(m) for m in w)  # quantised ones dequantised once, for blocks of many rows
+        w = tuple(_dense_weight(m) for m in expert(e, operand))  # quantised ones dequantised once per expert
         first = jnp.int32(0)
         for i, block in enumerate(sizes):
             left = jnp.maximum(group_sizes[e] - first, 0)
@@ -376,7 +338,7 @@ def blocked_ffn(xs: jax.Array, group_sizes: jax.Array, expert: Callable[[int, An
                 count = -(-left // block)
             else:  # full blocks, and one more when the rest is more than the next size holds
                 count = left // block + (left % block > sizes[i + 1])
-            ys = blocks(e, w if block <= INT8_ROWS else dense, block, first, count, ys)
+            ys = blocks(e, w, block, first, count, ys)
             first = first + count * block
         return ys
 
