@@ -438,8 +438,7 @@ def _dense_weight(w: jax.Array | quant.QTensor) -> jax.Array:
     if w.q.dtype != jnp.uint8:
         return w.dequantized()
     o, groups = w.scale.shape
-    grouped = _nibbles(w.q, groups).astype(jnp.float32) * w.scale[:, :, None, None]
-    return grouped.reshape(o, -1).astype(w.dtype)
+    return quant.dequantize(_nibbles(w.q, groups).reshape(o, -1), w.scale, w.dtype)
 
 
 def _packing_group(cfg: ModelConfig, n_in: int) -> int:
