@@ -34,7 +34,8 @@ class MLP(nnx.Module):
         self.w2 = param(rngs, (f, d), (sh.MLP, sh.EMBED), dt)
         quantize_weights(self, cfg, ("w1", "w3", "w2"))
 
-    def __call__(self, x: jax.Array, backend: Backend) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, backend: Backend, valid: jax.Array | None = None) -> tuple[jax.Array, None]:
+        """x [B, T, D] -> (y [B, T, D], None); `valid` is for the MoE's signature (a dense FFN runs every row)."""
         w1, w3, w2 = (weight(self, name, x.dtype) for name in ("w1", "w3", "w2"))
         h = jax.nn.silu(backend.dense("BTD,DF->BTF", x, w1)) * backend.dense("BTD,DF->BTF", x, w3)
         return backend.dense("BTF,FD->BTD", h, w2), None
@@ -51,10 +52,11 @@ class DecoderLayer(nnx.Module):
         """x [B, T, D] -> (x, the layer's cache, router logits [B, T, E] or None); with `keep` [B] every token
         is cached but the rest runs at that index of each row only (x, router logits [B, 1, ...])."""
         h, kv = self.attn(self.attn_norm(x), positions, mode, backend, kv, slots, slot_pos, keep)
+        valid = positions >= 0  # [B, T]: padding skips the experts (its output is never read)
         if keep is not None:
-            x = at_index(x, keep)
+            x, valid = at_index(x, keep), at_index(valid, keep)
         x = sh.constrain(x + h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
-        y, router_logits = self.ffn(self.ffn_norm(x), backend)
+        y, router_logits = self.ffn(self.ffn_norm(x), backend, valid)
         return sh.constrain(x + y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), kv, router_logits
 
 

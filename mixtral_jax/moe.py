@@ -3,8 +3,10 @@
 Legend: T tokens (batch and length flattened), D model dim, E experts, F expert FFN dim, k experts per token.
 
 Every dispatch strategy has one signature, `(backend, x [T, D], weights [T, k] f32, expert ids [T, k] int32,
-experts) -> [T, D] f32`, and computes `sum_k weights * SwiGLU_expert(x)`; none drops a token. The backend
-holds the expert weights (`backends.Experts`) and runs their kernels.
+experts) -> [T, D] f32`, and computes `sum_k weights * SwiGLU_expert(x)`; none drops a token. An id past the
+experts (the sentinel, with weight zero: padding, a finished slot, or an expert on another device) adds
+nothing, and the grouped and chosen kernels skip it. The backend holds the expert weights
+(`backends.Experts`) and runs their kernels.
 - reference: every expert on every token (the oracle; E/k times the needed FLOPs).
 - grouped: token copies sorted by expert, each expert's rows multiplied by its weights only
   (`Backend.grouped_ffn`; prefill, large batches).
@@ -82,13 +84,18 @@ class MoE(nnx.Module):
         quantize_weights(self, cfg, ("w1", "w3", "w2"), lead=1)
         self.top_k = cfg.top_k
 
-    def __call__(self, x: jax.Array, backend: Backend) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D] -> (y [B, T, D], router logits [B, T, E] float32)."""
+    def __call__(self, x: jax.Array, backend: Backend, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> (y [B, T, D], router logits [B, T, E] float32). Tokens not `valid` [B, T] (padding,
+        finished slots) take the sentinel expert id E with weight zero, so no expert multiplies them; their
+        output is zero."""
         b, t, d = x.shape
         tokens = x.reshape(b * t, d)
         router = self.router[...].astype(jnp.float32)
         logits = jnp.einsum("TD,DE->TE", tokens.astype(jnp.float32), router)
         weights, expert_ids = route(logits, self.top_k)
+        if valid is not None:
+            valid = valid.reshape(b * t, 1)
+            weights, expert_ids = jnp.where(valid, weights, 0.0), jnp.where(valid, expert_ids, router.shape[1])
         # get_value: the backend's layout may hold each expert in a buffer of its own (a tuple)
         scales = None if self.scales is None else tuple(getattr(self.scales, n).get_value() for n in ("w1", "w3", "w2"))
         experts = Experts(self.w1.get_value(), self.w3.get_value(), self.w2.get_value(), scales)

@@ -50,7 +50,14 @@ def test_accelerator_dispatch_equals_per_expert_loop(impl, n_tokens, top_k, back
     _check_dispatch(impl, n_tokens, top_k, backend)
 
 
-def _check_dispatch(impl, n_tokens, top_k, backend):
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("impl", ["grouped", "decode"])
+def test_tokens_not_valid_take_no_expert(impl, backend):
+    """Padding and finished slots (not `valid`) come out zero; the other tokens as without them."""
+    _check_dispatch(impl, 12, 2, backend, valid=np.arange(12) % 3 != 1)
+
+
+def _check_dispatch(impl, n_tokens, top_k, backend, valid=None):
     cfg = config.preset("tiny").replace(dtype="float32", param_dtype="float32", top_k=top_k)
     block = moe.MoE(cfg, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (1, n_tokens, cfg.dim))
@@ -58,8 +65,10 @@ def _check_dispatch(impl, n_tokens, top_k, backend):
     if backend == "split":  # each expert output-major in a buffer of its own, as `CpuBackend.place` holds them
         for p in (block.w1, block.w3, block.w2):
             p.set_value(tuple(p[...][e].T for e in range(cfg.n_experts)))
-    y, logits = block(x, dataclasses.replace(BACKENDS[backend], moe=impl))
+    y, logits = block(x, dataclasses.replace(BACKENDS[backend], moe=impl), None if valid is None else valid[None])
     expected = per_expert_loop(np.asarray(x[0]), *w, top_k)
+    if valid is not None:
+        expected[~valid] = 0
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y[0]), expected, atol=1e-5, rtol=1e-4)
 

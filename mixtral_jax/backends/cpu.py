@@ -222,7 +222,8 @@ class CpuBackend(reference.Backend):
     def chosen_ffn(self, x: jax.Array, expert_ids: jax.Array, experts: Experts) -> jax.Array:
         """Split: each token's choices run through `lax.switch` on the expert id, whose branch reads that
         expert's own buffers (cast there, not for every expert); past SWITCH_CHOICES choices, whose switches
-        would make a program XLA:CPU takes long to compile (or fails to), the grouped kernel runs them."""
+        would make a program XLA:CPU takes long to compile (or fails to), the grouped kernel runs them. The
+        sentinel id E (padding, a finished slot) takes a branch that reads no weights."""
         if not self.split:
             return super().chosen_ffn(x, expert_ids, experts)
         if expert_ids.size > SWITCH_CHOICES:
@@ -234,7 +235,10 @@ class CpuBackend(reference.Backend):
             w1, w3, w2 = _expert(experts, e, x.dtype)
             return times(jax.nn.silu(times(x, w1)) * times(x, w3), w2)
 
-        branches = [functools.partial(branch, e) for e in range(len(experts.w1))]
+        def sentinel(x):  # an id past the experts: no expert's weights are read
+            return jnp.zeros_like(x)
+
+        branches = [functools.partial(branch, e) for e in range(len(experts.w1))] + [sentinel]
         t, k = expert_ids.shape
         y = [jax.lax.switch(expert_ids[i, j], branches, x[i:i + 1]) for i in range(t) for j in range(k)]
         return jnp.concatenate(y).reshape(t, k, -1)
