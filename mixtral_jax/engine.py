@@ -421,8 +421,8 @@ class Engine:
 
     def _group(self) -> list[_Admission]:
         """The queued prompts at the head that `_admit_group` takes in one program: `group` not yet started
-        whose `group_len` times `group` fits a chunk, or none (fewer would pay for padding rows, which cost as
-        much as prefilling them alone)."""
+        whose `group_len` times `group` fits a chunk, or none (fewer would pay for whole padding rows, whose
+        attention costs as much as a prompt's)."""
         group = []
         for job in self.pending[: self.group]:
             if job.row is not None or group_len(job.prompt.size) * self.group > self.chunk:
@@ -513,4 +513,10 @@ class Engine:
                 self.cancel(slot)
         self.step()
         self.step(1)
+        # a state that a decode round handed back may be laid out as its loop left it: the programs that take it
+        # next (insert, cancel) are compiled for that too
+        slot = self.admit([0] * lengths[0][0], 2)
+        self.prefill()
+        self.step(1)
+        self.cancel(slot)
         return len(lengths)

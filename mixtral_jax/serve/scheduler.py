@@ -87,9 +87,9 @@ def run_round(engine: Engine, plan: Plan, admitted: Callable[[list[int | str]], 
               ready: Callable[[int, Tokens], None] | None = None) -> Outcome:
     """`plan` on `engine`: cancels, admissions (handed to `admitted`), about one chunk of prefill (each first
     token handed to `ready` as its prompt completes, before the decode round), then one decode round: the
-    engine's steps while every slot is busy, one step while a slot is free, so that a request arriving for
-    it waits one step, not a round. Every process of a multi-host server runs the same plans in the same
-    order, so their engines stay alike."""
+    engine's steps while every slot is busy decoding, one step while a slot is free or a prompt waits for its
+    prefill, so that such a request waits one step for the next round, not `steps`. Every process of a
+    multi-host server runs the same plans in the same order, so their engines stay alike."""
     for slot in plan.cancel:
         engine.cancel(slot)
     slots = []
@@ -101,7 +101,7 @@ def run_round(engine: Engine, plan: Plan, admitted: Callable[[list[int | str]], 
     if admitted is not None:
         admitted(slots)
     engine.prefill(ready=ready)
-    new = engine.step(1 if engine.free() else None) if engine.decoding() else None
+    new = engine.step(1 if engine.free() or engine.pending else None) if engine.decoding() else None
     return Outcome(new, engine.finished())
 
 
