@@ -71,6 +71,18 @@ class Mixtral:
         handle.tokenizer = tokenizer
         return handle
 
+    def leaves(self) -> dict[str, Any]:
+        """The weights as the backend holds them, by dotted path (`layers.ffn.router`; a tuple of per-layer
+        buffers is one leaf)."""
+        return _leaves(self.params)
+
+    def with_leaves(self, changes: dict[str, Any]) -> Mixtral:
+        """The same model with the leaves at these paths replaced (as the backend holds them: the same
+        shapes, dtypes and shardings, so the compiled programs take them); the others are shared."""
+        handle = copy.copy(self)
+        handle.params = _state(self.config, {**self.leaves(), **changes})
+        return handle
+
     def checkpoint_params(self) -> dict[str, jax.Array]:
         """The weights in the checkpoint layout, path -> array (`layers.ffn.w1` [L, E, D, F]); the backend's
         own arrays where its layout is that one, else a stacked copy."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixtral_jax import moe
 from mixtral_jax.backends import Backend
 from mixtral_jax.backends.reference import insert_rows
 from mixtral_jax.cache import KVCache
@@ -45,6 +46,7 @@ from mixtral_jax.prefill import (
     replicated,
 )
 from mixtral_jax.sampling import RowSettings, row_settings, sample_rows, top_logprobs
+from mixtral_jax.steering import Steering, steer
 
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
@@ -493,26 +495,35 @@ class Engine:
 
     def compile_all(self) -> int:
         """Compile the prefill of every prompt bucket (alone, in a group, and the chunks of a longer prompt), the
-        decode round (of `steps` steps, and of one) and the cancel, by running each once in free slots: after
-        this, requests never compile -> the number of prefill programs."""
+        decode round (of `steps` steps, and of one) and the cancel, by running each in free slots: after
+        this, requests never compile. Each program runs once for every routing that the backend's expert
+        kernels need to take all their branches (`Backend.warm_routes`, made to happen by `steering`), so
+        that no request waits for a branch's first run either -> the number of prefill programs."""
         lengths, n = [], 1
         while n <= self.chunk and n < self.max_len:
             lengths.append([min(bucket(n), self.max_len - 1)])
             n = bucket(n) + 1
         if self.max_len - 1 > self.chunk:
-            lengths.append([self.chunk + 1])
+            lengths.append([min(2 * self.chunk, self.max_len - 1)])
         n = MIN_BUCKET
         while self.group > 1 and n * self.group <= self.chunk and n // 2 < self.max_len - 1:
             lengths.append([min(n, self.max_len - 1)] * self.group)
             n *= 2
-        for group in lengths:
-            slots = [self.admit([0] * n, 1) for n in group]
-            while self.pending:
-                self.prefill()
-            for slot in slots:
-                self.cancel(slot)
-        self.step()
-        self.step(1)
+        model = self.model
+        steering = steer(model)
+        if steering is not None:
+            self.model = steering.model
+        try:
+            for group in lengths:
+                for prompts in self._warm_prompts(steering, group):
+                    slots = [self.admit(prompt.tolist(), 1) for prompt in prompts]
+                    while self.pending:
+                        self.prefill()
+                    for slot in slots:
+                        self.cancel(slot)
+            self._warm_decode(steering)
+        finally:
+            self.model = model
         # a state that a decode round handed back may be laid out as its loop left it: the programs that take it
         # next (insert, cancel) are compiled for that too
         slot = self.admit([0] * lengths[0][0], 2)
@@ -520,3 +531,51 @@ class Engine:
         self.step(1)
         self.cancel(slot)
         return len(lengths)
+
+    def _warm_prompts(self, steering: Steering | None, lengths: list[int]) -> list[list[np.ndarray]]:
+        """Prompts of `lengths` tokens [n] to prefill together, a set for each routing the expert kernels need
+        in the program (each chunk's) that runs them; one set of zeros without `steering`."""
+        zeros = [[np.zeros(n, np.int32) for n in lengths]]
+        if steering is None:
+            return zeros
+        cfg, backend = self.model.config, self.model.backend
+        if len(lengths) > 1:  # a group: one program over `group` rows of the longest one's group_len
+            routes = moe.warm_routes(backend, cfg, len(lengths) * group_len(max(lengths)), sum(lengths))
+            return [np.split(steering.tokens(route), np.cumsum(lengths)[:-1]) for route in routes] or zeros
+        (length,) = lengths
+        chunk = min(self.chunk, bucket(length))
+        valid = [min(chunk, length - start) for start in range(0, length, chunk)]  # each chunk's tokens
+        routes = [moe.warm_routes(backend, cfg, chunk, n) for n in valid]
+        runs = max(len(r) for r in routes)
+        if not runs:
+            return zeros
+        return [[np.concatenate([steering.tokens(r[i % len(r)]) if r else np.zeros(n, np.int32)
+                                 for r, n in zip(routes, valid)])] for i in range(runs)]
+
+    def _warm_decode(self, steering: Steering | None) -> None:
+        """The decode rounds (of `steps` steps, and of one), with every slot decoding; with `steering`, once
+        for each routing the expert kernels need, as the round's first step (its input tokens)."""
+        cfg = self.model.config
+        routes = [] if steering is None else moe.warm_routes(self.model.backend, cfg, self.n_slots, self.n_slots)
+        if not routes:
+            self.step()
+            self.step(1)
+            return
+        for n in (self.steps, 1):
+            generated = self.max_len
+            for route in routes:
+                if generated + n >= self.max_len - 1:  # every slot afresh, room for this round
+                    for slot in list(self.busy):
+                        self.cancel(slot)
+                    for _ in range(self.n_slots):
+                        self.admit([1], self.max_len - 1, stop_at_eos=False)
+                    while self.pending:
+                        self.prefill()
+                    generated = 1
+                tokens, sharding = steering.tokens(route), self.state.tokens.sharding
+                self.state = self.state.replace(
+                    tokens=jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index]))
+                self.step(n)
+                generated += n
+            for slot in list(self.busy):
+                self.cancel(slot)

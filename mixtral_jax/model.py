@@ -93,8 +93,7 @@ class Transformer(nnx.Module):
         cache, the others with one: its keys and values written, and the tokens attending to what it holds).
         `logit_index` [B]: logits at that index of each row only."""
         cfg = self.config
-        x = backend.embed(self._vocab_matrix("embedder"), tokens).astype(cfg.dtype)
-        x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+        x = sh.constrain(self.embed(tokens, backend), (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
         graphdef, layer_weights = nnx.split(self.layers)
         slots = slot_pos = None
         if mode is not Mode.TRAIN:
@@ -115,6 +114,10 @@ class Transformer(nnx.Module):
         logits = backend.unembed(x, self._vocab_matrix("embedder"), lm_head)
         logits = sh.constrain(logits, (sh.BATCH, sh.LENGTH, sh.ACT_VOCAB))
         return Output(logits, cache, router_logits)
+
+    def embed(self, tokens: jax.Array, backend: Backend) -> jax.Array:
+        """tokens [B, T] -> their embeddings [B, T, D] in the compute dtype (the first layer's input)."""
+        return backend.embed(self._vocab_matrix("embedder"), tokens).astype(self.config.dtype)
 
     def _vocab_matrix(self, name: str) -> jax.Array | quant.QTensor:
         """The embedding table or LM head as stored (the backend casts it where it reads it), or a

@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax import expert_parallel
@@ -69,6 +70,17 @@ def choose(impl: str, n_tokens: int, top_k: int, n_experts: int) -> Dispatch:
     if impl == "auto":
         impl = "decode" if n_tokens * top_k < n_experts else "grouped"
     return DISPATCH[impl]
+
+
+def warm_routes(backend: Backend, cfg: ModelConfig, n_tokens: int, valid: int) -> list[np.ndarray]:
+    """`Backend.warm_routes` for the kernels that `choose` runs `n_tokens` tokens through, `valid` of them not
+    padding: expert choices [valid, k] whose runs take every branch they have (none for a dense model)."""
+    if not cfg.is_moe:
+        return []
+    strategy = choose(backend.moe, n_tokens, cfg.top_k, cfg.n_experts)
+    if strategy is reference:
+        return []
+    return backend.warm_routes(n_tokens, valid, cfg.top_k, cfg.n_experts, grouped=strategy is grouped)
 
 
 class MoE(nnx.Module):

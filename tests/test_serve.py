@@ -358,4 +358,4 @@ def test_the_command_serves_the_demo_model_and_at_ctrl_c_or_sigterm_drains_then_
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert out == ""
     # prompt buckets 16 and 23 (the rest of --max-len 24), alone and two at a time
-    assert "compiled 4 prefill programs" in err and f"http://127.0.0.1:{port}/v1" in err
+    assert "compiled and warmed 4 prefill programs" in err and f"http://127.0.0.1:{port}/v1" in err

@@ -20,7 +20,8 @@ cache buffer is widened whole for each write (the split cache of a 16-bit model 
 values exactly); a few rows multiply faster by an output-major matrix in column form; quantised weights are
 dequantised into a temporary before a float product, which reads it from the caches; int4 arrays convert to
 wider types in a loop several times slower than bytes do (the split layout holds its output-major int4
-matrices two entries to a byte, `packed_int4`).
+matrices two entries to a byte, `packed_int4`); a loop of the grouped kernel or a branch of a switch builds
+its products' pipelines the first time it runs (`warm_routes` names routings that run them all).
 docs/performance.md has the measurements.
 """
 
@@ -219,6 +220,19 @@ class CpuBackend(reference.Backend):
         w1, w3, w2 = self.expert_arrays(experts, xs.dtype)
         return _trainable_blocked_ffn(xs, group_sizes, w1, w3, w2, self.bf16)
 
+    def warm_routes(self, n_tokens: int, valid: int, top_k: int, n_experts: int, grouped: bool) -> list[np.ndarray]:
+        """The grouped kernel runs a loop for each expert and block size, and XLA:CPU sets a loop's products up
+        the first time it runs (milliseconds each, hundreds a prefill program): routings whose group sizes
+        run every loop (`covering_group_sizes`). The split layout's per-choice switches: every expert at each
+        token's each choice."""
+        if not grouped and not self.split:
+            return []  # the reference gather: no branches
+        if not grouped and n_tokens * top_k <= SWITCH_CHOICES:
+            return [(np.arange(valid)[:, None] * top_k + np.arange(top_k) + r) % n_experts
+                    for r in range(n_experts)]
+        return [reference.routes_for(sizes, valid, top_k)
+                for sizes in covering_group_sizes(n_tokens, valid, top_k, n_experts)]
+
     def chosen_ffn(self, x: jax.Array, expert_ids: jax.Array, experts: Experts) -> jax.Array:
         """Split: each token's choices run through `lax.switch` on the expert id, whose branch reads that
         expert's own buffers (cast there, not for every expert); past SWITCH_CHOICES choices, whose switches
@@ -335,21 +349,60 @@ def blocked_ffn(xs: jax.Array, group_sizes: jax.Array, expert: Callable[[int, An
 
     def used_expert(e, ys):
         w = tuple(_dense_weight(m) for m in expert(e, operand))  # quantised ones dequantised once per expert
-        first = jnp.int32(0)
-        for i, block in enumerate(sizes):
-            left = jnp.maximum(group_sizes[e] - first, 0)
-            if i == len(sizes) - 1:
-                count = -(-left // block)
-            else:  # full blocks, and one more when the rest is more than the next size holds
-                count = left // block + (left % block > sizes[i + 1])
+        for block, first, count in block_runs(group_sizes[e], sizes, jnp.maximum):
             ys = blocks(e, w, block, first, count, ys)
-            first = first + count * block
         return ys
 
     ys = jnp.zeros((n + sizes[0], d), jnp.float32)
     for e in range(n_experts):  # unrolled: each expert's weights are read only in its own branch
         ys = jax.lax.cond(group_sizes[e] > 0, functools.partial(used_expert, e), lambda ys: ys, ys)
     return ys[:n]
+
+
+def block_runs(rows, sizes: tuple[int, ...], maximum: Callable = max) -> list[tuple[int, Any, Any]]:
+    """The blocks `blocked_ffn` multiplies an expert's `rows` in (an int, or traced with `maximum=jnp.maximum`):
+    (size, its first row, how many) for each of `sizes`, largest first: as many of a size as the rows left
+    fill, one more when the rest is more than the next size holds, the smallest size rounding up."""
+    runs, first = [], 0
+    for i, block in enumerate(sizes):
+        left = maximum(rows - first, 0)
+        count = -(-left // block) if i == len(sizes) - 1 else left // block + (left % block > sizes[i + 1])
+        runs.append((block, first, count))
+        first = first + count * block
+    return runs
+
+
+def covering_group_sizes(n_tokens: int, valid: int, top_k: int, n_experts: int) -> list[np.ndarray]:
+    """Group sizes [E] of the copies of `valid` of `n_tokens` tokens (summing to `valid * top_k`, each at most
+    `valid`: a token's copies go to distinct experts) whose `blocked_ffn` runs between them run every
+    expert's loop of every block size that a group of at most `valid` rows runs: each expert takes the fewest
+    rows that run its largest loop not yet run that still fit, the rest of the rows go to the experts given
+    least."""
+    rows = valid * top_k
+    sizes = block_sizes(n_tokens * top_k, n_experts)
+    fewest = {}  # block size -> the fewest rows that run its loop
+    for group in range(1, valid + 1):
+        for block, _, count in block_runs(group, sizes):
+            if count:
+                fewest.setdefault(block, group)
+    todo = {(e, block) for e in range(n_experts) for block in fewest}
+    found = []
+    while todo:
+        sizes_e, left = np.zeros(n_experts, np.int64), rows
+        for e in range(n_experts):
+            wanted = [fewest[block] for block in sizes if (e, block) in todo and fewest[block] <= left]
+            if wanted:
+                sizes_e[e], left = wanted[0], left - wanted[0]
+        for e in np.argsort(sizes_e, stable=True):
+            more = min(left, valid - sizes_e[e])
+            sizes_e[e], left = sizes_e[e] + more, left - more
+        ran = {(e, block) for e in range(n_experts)
+               for block, _, count in block_runs(int(sizes_e[e]), sizes) if count}
+        if not ran & todo:
+            break
+        todo -= ran
+        found.append(sizes_e)
+    return found
 
 
 def block_sizes(n: int, n_experts: int) -> tuple[int, ...]:

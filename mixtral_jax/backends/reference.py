@@ -240,6 +240,13 @@ class Backend:
         through its expert's SwiGLU [n, D], as `jax.lax.ragged_dot` computes it."""
         return ragged_ffn(xs, group_sizes, *self.expert_arrays(experts, xs.dtype))
 
+    def warm_routes(self, n_tokens: int, valid: int, top_k: int, n_experts: int, grouped: bool) -> list[np.ndarray]:
+        """Expert choices [valid, k] of the valid tokens of runs of the expert kernels over `n_tokens` tokens
+        (`grouped_ffn` if `grouped`, else `chosen_ffn`) that between them take every branch the kernels have,
+        for a server to run at start-up where a runtime sets a branch up the first time it runs
+        (`steering`). These kernels have none."""
+        return []
+
     def chosen_ffn(self, x: jax.Array, expert_ids: jax.Array, experts: Experts) -> jax.Array:
         """x [T, D] through each of its chosen experts expert_ids [T, k] -> [T, k, D]: the chosen experts'
         weights gathered per token (reads only those; few tokens)."""
@@ -262,6 +269,14 @@ def cache_zeros(cfg: ModelConfig, spec: str, batch: int, slots: int, dtype, stac
 def _scale_spec(spec: str) -> str:
     """The axes of an int8 cache's scales: the keys' or values' less the head dim."""
     return spec.replace("H", "")
+
+
+def routes_for(group_sizes: np.ndarray, n_tokens: int, top_k: int) -> np.ndarray:
+    """Expert choices [n_tokens, k] that give expert e `group_sizes[e]` token copies (summing to n_tokens * k,
+    each at most n_tokens): the copies in expert order, token t taking copies t, t + n_tokens, ..., which
+    belong to distinct experts as none holds more than n_tokens."""
+    copies = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    return copies.reshape(top_k, n_tokens).T
 
 
 def per_choice(x: jax.Array, expert_ids: jax.Array, n_experts: int,

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     prefills = engine.compile_all()
     where = (f"serving on http://{args.host}:{args.port}/v1" if jax.process_index() == 0 else
              "following process 0's rounds")
-    _common.note(f"compiled {prefills} prefill programs and the decode round in "
+    _common.note(f"compiled and warmed {prefills} prefill programs and the decode round in "
                  f"{time.perf_counter() - began:.1f} s; {where}")
     if jax.process_index() > 0:  # process 0 listens, and hands every process each round's plan
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # process 0 says when to stop
