@@ -510,7 +510,8 @@ class Engine:
             lengths.append([min(n, self.max_len - 1)] * self.group)
             n *= 2
         model = self.model
-        steering = steer(model)
+        branches = any(moe.warm_routes(model.backend, model.config, n, n) for n in (self.n_slots, self.chunk))
+        steering = steer(model) if branches else None  # kernels without branches run once, as they are
         if steering is not None:
             self.model = steering.model
         try:

@@ -83,3 +83,18 @@ def test_a_warmed_engine_serves_what_generate_gives():
             got[slot] += [int(t) for t in new[:, slot] if t >= 0]
         engine.finished()
     assert got == model.generate(prompts, 6, stop_at_eos=False)
+
+
+def test_kernels_without_branches_are_not_steered(monkeypatch):
+    """The reference kernels (as GPU and TPU ones) have no branches to warm: compile_all runs each program once,
+    without building steering weights."""
+    from mixtral_jax import engine as engine_module
+
+    def refuse(model):
+        raise AssertionError("steering weights were built")
+
+    monkeypatch.setattr(engine_module, "steer", refuse)
+    model = mixtral_jax.init_random("tiny", seed=0, dtype="float32").with_backend(Backend())
+    engine = Engine(model, slots=2, max_len=20, steps=2, chunk=8)
+    assert engine.compile_all() == 2  # the smallest bucket and the longer prompt: 16 tokens, in chunks of 8
+    assert not engine.busy
