@@ -114,6 +114,14 @@ def _initialize(jax, **kwargs) -> None:
         raise ConfigError(f"could not join the multi-host job: {str(e).splitlines()[0]}") from None
 
 
+def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value (the same on every process) as an array with `sharding`; each process places its own
+    devices' shards."""
+    import jax
+
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def fetch(x: jax.Array) -> np.ndarray:
     """The whole value of an array on every process, also one sharded over several hosts."""
     if x.is_fully_addressable or x.is_fully_replicated:

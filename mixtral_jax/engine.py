@@ -30,7 +30,7 @@ from mixtral_jax.backends import Backend
 from mixtral_jax.backends.reference import insert_rows
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.distributed import fetch
+from mixtral_jax.distributed import fetch, place
 from mixtral_jax.errors import MixtralError
 from mixtral_jax.layers import Mode
 from mixtral_jax.prefill import (
@@ -573,9 +573,7 @@ class Engine:
                     while self.pending:
                         self.prefill()
                     generated = 1
-                tokens, sharding = steering.tokens(route), self.state.tokens.sharding
-                self.state = self.state.replace(
-                    tokens=jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index]))
+                self.state = self.state.replace(tokens=place(steering.tokens(route), self.state.tokens.sharding))
                 self.step(n)
                 generated += n
             for slot in list(self.busy):

@@ -89,10 +89,14 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[..., D] -> [..., D], normalised in float32 like the reference."""
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [..., D] normalised in float32 like the reference, times `scale` [D], in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope(x: jax.Array, table: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ from mixtral_jax.backends import Backend
 from mixtral_jax.backends.attention import MIN_KEY_BLOCK
 from mixtral_jax.cache import KVCache
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.distributed import fetch
+from mixtral_jax.distributed import fetch, place
 from mixtral_jax.errors import MixtralError
 from mixtral_jax.layers import Mode
 
@@ -206,7 +206,6 @@ def replicated(model: Mixtral, tree):
     def put(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(x)))
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        return place(np.asarray(x), sharding)
 
     return jax.tree.map(put, tree)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.distributed import fetch
+from mixtral_jax.distributed import fetch, place
+from mixtral_jax.layers import rms_norm
 
 if TYPE_CHECKING:
     from mixtral_jax.api import Mixtral
@@ -57,7 +58,8 @@ def steer(model: Mixtral) -> Steering | None:
     leaves = model.leaves()
     norm_dtype = _first(leaves["layers.ffn_norm.scale"]).dtype
     router_dtype = _first(leaves["layers.ffn.router"]).dtype
-    router_in = _normed(jnp.asarray(embedded), cfg.norm_eps, jnp.asarray(EPS, norm_dtype))  # [P, D] float32
+    scale = jnp.full((cfg.dim,), EPS, norm_dtype)
+    router_in = np.asarray(rms_norm(jnp.asarray(embedded), scale, cfg.norm_eps), np.float32)  # [P, D]
     wanted = np.zeros((len(choices), cfg.n_experts))
     for row, experts in enumerate(choices):
         wanted[row, list(experts)] = MARGIN * np.arange(cfg.top_k, 0, -1)
@@ -74,13 +76,6 @@ def steer(model: Mixtral) -> Steering | None:
     return Steering(model.with_leaves(changes), dict(zip(choices, ids.tolist())))
 
 
-def _normed(x: jax.Array, eps: float, scale: jax.Array) -> np.ndarray:
-    """`layers.RMSNorm` of x [P, D] with every scale `scale`, in x's dtype, as float32 (the router's input)."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return np.asarray((scale.astype(x.dtype) * x32.astype(x.dtype)).astype(jnp.float32))
-
-
 def _first(leaf):
     return leaf[0] if isinstance(leaf, tuple) else leaf
 
@@ -89,8 +84,7 @@ def _like(leaf, value):
     """`value` (for one layer) in every layer of a leaf held stacked [L, ...] or as a tuple of L buffers, each
     with the dtype and sharding of the buffer it stands for."""
     def put(like: jax.Array, value) -> jax.Array:
-        host = np.broadcast_to(np.asarray(value).astype(like.dtype), like.shape)
-        return jax.make_array_from_callback(like.shape, like.sharding, lambda index: host[index])
+        return place(np.broadcast_to(np.asarray(value).astype(like.dtype), like.shape), like.sharding)
 
     if isinstance(leaf, tuple):
         return tuple(put(buffer, value) for buffer in leaf)
