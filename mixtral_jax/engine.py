@@ -6,10 +6,10 @@ prefilled a chunk at a time between decode rounds.
 Legend: B slots, S cache positions, T padded prompt length, C prefill chunk, V vocab, n steps per round,
 K top log-probabilities reported per token.
 
-Every slot has its own position, token limit, sampling settings and PRNG key (its i-th new token is drawn
-with `fold_in(key, i)`), so what a request produces does not depend on what else is running. The programs
-take the slot count, the cache length, the chunk and the steps per round as static values: a server that
-compiles them for its prompt buckets at start-up never compiles again.
+Every slot has its own position, token limit, sampling settings (penalties and logit bias included) and PRNG
+key (its i-th new token is drawn with `fold_in(key, i)`), so what a request produces does not depend on what
+else is running. The programs take the slot count, the cache length, the chunk and the steps per round as
+static values: a server that compiles them for its prompt buckets at start-up never compiles again.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from mixtral_jax.prefill import (
     pow2,
     replicated,
 )
-from mixtral_jax.sampling import RowSettings, row_settings, sample_rows, top_logprobs
+from mixtral_jax.sampling import RowSettings, bias_row, penalised, row_settings, sample_rows, top_logprobs
 from mixtral_jax.steering import Steering, steer
 
 if TYPE_CHECKING:
@@ -76,6 +76,19 @@ class Slots:
     keys: jax.Array  # [B] PRNG keys
     settings: RowSettings
     logprobs: jax.Array  # [B] bool, the request wants log-probabilities
+    counts: jax.Array  # [B, V] int32, how often the slot has generated each token (for its penalties)
+    bias: jax.Array  # [B, V] float32, the request's logit bias
+
+    def sampled(self, rows: jax.Array | None, logits: jax.Array, keys: jax.Array, n_valid: int | None) -> jax.Array:
+        """Tokens [R] of slots `rows` [R] (None: every slot) drawn from their logits [R, V] with `keys` [R], after
+        their penalties and logit bias."""
+        pick = (lambda field: field) if rows is None else (lambda field: field[rows])
+        settings = jax.tree.map(pick, self.settings)
+        return sample_rows(keys, penalised(logits, pick(self.counts), pick(self.bias), settings), settings, n_valid)
+
+    def counted(self, rows: jax.Array, ids: jax.Array, running: jax.Array) -> jax.Array:
+        """`counts` with the new tokens `ids` [R] of slots `rows` [R] added where `running` [R]."""
+        return self.counts.at[rows, jnp.maximum(ids, 0)].add(running.astype(jnp.int32))
 
 
 class Tokens(NamedTuple):
@@ -113,21 +126,28 @@ def _tokens(logits: jax.Array, ids: jax.Array, n_logprobs: int, n_valid: int | N
 def _first(state: Slots, rows: jax.Array, last: jax.Array, *, n_valid: int | None,
            n_logprobs: int) -> tuple[Slots, Tokens]:
     """Slots `rows` [R] whose prompts end with logits `last` [R, V]: their first new token drawn (key i=0)."""
-    first = sample_rows(jax.vmap(jax.random.fold_in)(state.keys[rows], jnp.zeros_like(rows)), last,
-                        jax.tree.map(lambda field: field[rows], state.settings), n_valid)
+    first = state.sampled(rows, last, jax.vmap(jax.random.fold_in)(state.keys[rows], jnp.zeros_like(rows)), n_valid)
     state = state.replace(tokens=state.tokens.at[rows].set(first), generated=state.generated.at[rows].set(1),
+                          counts=state.counted(rows, first, jnp.ones_like(rows, bool)),
                           done=state.done.at[rows].set((first == state.eos[rows]) | (state.limit[rows] <= 1)))
     return state, _tokens(last, first, n_logprobs, n_valid)
 
 
 def _empty(*, backend: Backend, cfg: ModelConfig, slots: int, max_len: int, chunk: int) -> Slots:
-    zeros = jnp.zeros((slots,), jnp.int32)
+    zeros, no_penalty = jnp.zeros((slots,), jnp.int32), jnp.zeros((slots,), jnp.float32)
     return Slots(
         cache=KVCache.create(cfg, backend, slots, max_len, chunk=chunk), tokens=zeros, positions=zeros,
         generated=zeros, limit=zeros, eos=zeros - 1, done=jnp.ones((slots,), bool),
         keys=jax.random.split(jax.random.key(0), slots),
-        settings=RowSettings(jnp.zeros((slots,), jnp.float32), zeros, jnp.ones((slots,), jnp.float32)),
-        logprobs=jnp.zeros((slots,), bool))
+        settings=RowSettings(jnp.zeros((slots,), jnp.float32), zeros, jnp.ones((slots,), jnp.float32), no_penalty,
+                             no_penalty),
+        logprobs=jnp.zeros((slots,), bool), **_no_counts(cfg, slots))
+
+
+def _no_counts(cfg: ModelConfig, slots: int) -> dict[str, jax.Array]:
+    """Slots' `counts` and `bias` with nothing generated and no bias."""
+    return dict(counts=jnp.zeros((slots, cfg.vocab_size), jnp.int32),
+                bias=jnp.zeros((slots, cfg.vocab_size), jnp.float32))
 
 
 def _start(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, limit: jax.Array,
@@ -140,7 +160,8 @@ def _start(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths
     cache, last = fill_cache(graphdef, params, tokens, lengths, cache, backend=backend, cfg=cfg, chunk=chunk)
     empty = lengths == 0
     state = Slots(cache=cache, tokens=jnp.zeros_like(lengths), positions=lengths, generated=jnp.zeros_like(lengths),
-                  limit=limit, eos=eos, done=empty, keys=keys, settings=settings, logprobs=jnp.zeros_like(empty))
+                  limit=limit, eos=eos, done=empty, keys=keys, settings=settings, logprobs=jnp.zeros_like(empty),
+                  **_no_counts(cfg, tokens.shape[0]))
     state, first = _first(state, jnp.arange(tokens.shape[0]), last, n_valid=n_valid, n_logprobs=n_logprobs)
     state = state.replace(done=state.done | empty)
     return state, first._replace(ids=jnp.where(empty, -1, first.ids))
@@ -153,8 +174,8 @@ def _new_row(*, backend: Backend, cfg: ModelConfig, max_len: int, chunk: int) ->
 
 
 def _insert(state: Slots, rows: KVCache, last: jax.Array, at: jax.Array, length: jax.Array, limit: jax.Array,
-            eos: jax.Array, seed: jax.Array, settings: RowSettings, logprobs: jax.Array, *, backend: Backend,
-            n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
+            eos: jax.Array, seed: jax.Array, settings: RowSettings, logprobs: jax.Array, bias: jax.Array, *,
+            backend: Backend, n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
     """Prefilled prompts' rows [R] into slots `at` [R], which start decoding -> their first tokens [R]; each
     samples with `fold_in(key(seed), 0)`, as row 0 of `_start`."""
     key = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seed)
@@ -165,19 +186,19 @@ def _insert(state: Slots, rows: KVCache, last: jax.Array, at: jax.Array, length:
 
     state = state.replace(
         cache=cache, positions=put(state.positions, length), limit=put(state.limit, limit), eos=put(state.eos, eos),
-        keys=put(state.keys, key), logprobs=put(state.logprobs, logprobs),
-        settings=jax.tree.map(put, state.settings, settings))
+        keys=put(state.keys, key), logprobs=put(state.logprobs, logprobs), bias=put(state.bias, bias),
+        counts=put(state.counts, 0), settings=jax.tree.map(put, state.settings, settings))
     return _first(state, at, last, n_valid=n_valid, n_logprobs=n_logprobs)
 
 
 def _admit_rows(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, tokens: jax.Array, lengths: jax.Array,
                 at: jax.Array, limit: jax.Array, eos: jax.Array, seed: jax.Array, settings: RowSettings,
-                logprobs: jax.Array, *, backend: Backend, cfg: ModelConfig, cache_chunk: int, n_valid: int | None,
-                n_logprobs: int) -> tuple[Slots, Tokens]:
+                logprobs: jax.Array, bias: jax.Array, *, backend: Backend, cfg: ModelConfig, cache_chunk: int,
+                n_valid: int | None, n_logprobs: int) -> tuple[Slots, Tokens]:
     """Prompts tokens [R, T] that fit one chunk prefilled together into slots `at` [R] -> their first tokens."""
     rows = KVCache.create(cfg, backend, tokens.shape[0], state.cache.slots, chunk=cache_chunk)
     rows, last = fill_cache(graphdef, params, tokens, lengths, rows, backend=backend, cfg=cfg, chunk=tokens.shape[1])
-    return _insert(state, rows, last, at, lengths, limit, eos, seed, settings, logprobs, backend=backend,
+    return _insert(state, rows, last, at, lengths, limit, eos, seed, settings, logprobs, bias, backend=backend,
                    n_valid=n_valid, n_logprobs=n_logprobs)
 
 
@@ -199,11 +220,12 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, *, backend:
         result = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], Mode.DECODE, backend, s.cache)
         logits = result.logits[:, 0]
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.generated)
-        new = jnp.where(s.done, -1, sample_rows(keys, logits, s.settings, n_valid))
+        new = jnp.where(s.done, -1, s.sampled(None, logits, keys, n_valid))
         running = ~s.done
         generated = s.generated + running
         s = s.replace(cache=result.cache, tokens=jnp.where(running, new, s.tokens), positions=s.positions + running,
-                      generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit))
+                      generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit),
+                      counts=s.counted(jnp.arange(slots), new, running))
         emitted = _tokens(logits, new, n_logprobs, n_valid, s.logprobs & running)
         return i + 1, s, jax.tree.map(lambda buf, x: buf.at[i].set(x), out, emitted)
 
@@ -262,7 +284,7 @@ class _Admission:
     slot: int
     prompt: np.ndarray  # [n] int32
     chunk: int  # its prefill chunk: the prompt's bucket, at most the engine's chunk
-    request: tuple  # limit, eos, seed, settings, logprobs [1]: as `_insert` takes them, one row
+    request: tuple  # limit, eos, seed, settings, logprobs [1], bias [1, V]: as `_insert` takes them, one row
     row: Any = None  # (row cache, last logits) once its first chunk ran
     done_chunks: int = 0
 
@@ -357,20 +379,23 @@ class Engine:
         return args, dict(backend=model.backend, cfg=cfg, chunk=chunk, max_len=self.cache_len, **self._static())
 
     def admit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-              top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True, logprobs: bool = False) -> int:
+              top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True, logprobs: bool = False,
+              presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+              logit_bias: dict[int, float] | None = None) -> int:
         """Queue `prompt` for the first free slot (it samples with `fold_in(key(seed), 0)`, as row 0 of
-        `start`; with `logprobs`, its tokens come with their log-probabilities) -> the slot; `prefill` runs
-        it."""
+        `start`; with `logprobs`, its tokens come with their log-probabilities; the penalties and logit bias
+        are OpenAI's, `sampling.penalised`) -> the slot; `prefill` runs it."""
         cfg = self.model.config
         check_prompts([prompt], cfg.vocab_size, self.max_len, max_new_tokens)
-        settings = row_settings(1, temperature, top_k, top_p)
+        settings = row_settings(1, temperature, top_k, top_p, presence_penalty, frequency_penalty)
+        bias = bias_row(cfg.vocab_size, logit_bias)
         if max_new_tokens < 1:
             raise MixtralError("max_new_tokens must be >= 1 for a slot")
         free = self.free()
         if not free:
             raise MixtralError(f"all {self.n_slots} slots are busy")
         request = (np.int32([max_new_tokens]), np.int32([self.eos if stop_at_eos else -1]), np.uint32([seed]),
-                   settings, np.bool_([logprobs]))
+                   settings, np.bool_([logprobs]), bias)
         self.pending.append(_Admission(free[0], np.asarray(prompt, np.int32), min(self.chunk, bucket(len(prompt))),
                                        request))
         self.busy.add(free[0])
@@ -452,14 +477,15 @@ class Engine:
     def step(self, n: int | None = None) -> Tokens:
         """Up to `n` (default `steps`) decode steps over every slot -> the new tokens [n, slots], -1 where
         none (every slot, once all are done)."""
-        model, layout = self.model, self.state.cache.pos.sharding
+        model, layouts = self.model, jax.tree.map(lambda x: x.sharding, self.state)
         with model.context():
             self.state, new = self._programs.decode(model.graphdef, model.params, self.state, backend=model.backend,
                                                     n=n or self.steps, **self._static())
-            # the loop may hand the slot positions back in its carry's sharding: the programs that take the state
-            # next were compiled for the one the others leave (equivalent, but another program to compile)
-            pos = jax.device_put(self.state.cache.pos, layout)
-        self.state = self.state.replace(cache=self.state.cache.replace(pos=pos))
+            # the loop may hand fields back laid out as its carry was (the slot positions, the per-slot fields
+            # on a mesh, the token counts as the logits): the state keeps the layout the other programs leave
+            # and were compiled for
+            self.state = jax.tree.map(lambda x, layout: x if x.sharding == layout else jax.device_put(x, layout),
+                                      self.state, layouts)
         return jax.tree.map(fetch, new)
 
     def decoding(self) -> bool:
@@ -525,12 +551,6 @@ class Engine:
             self._warm_decode(steering)
         finally:
             self.model = model
-        # a state that a decode round handed back may be laid out as its loop left it: the programs that take it
-        # next (insert, cancel) are compiled for that too
-        slot = self.admit([0] * lengths[0][0], 2)
-        self.prefill()
-        self.step(1)
-        self.cancel(slot)
         return len(lengths)
 
     def _warm_prompts(self, steering: Steering | None, lengths: list[int]) -> list[list[np.ndarray]]:

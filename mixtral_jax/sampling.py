@@ -1,4 +1,5 @@
-"""Next-token sampling, each row with its own settings: greedy, temperature, top-k and top-p (nucleus).
+"""Next-token sampling, each row with its own settings: greedy, temperature, top-k and top-p (nucleus), after
+OpenAI's presence and frequency penalties and logit bias.
 
 Legend: B rows, V vocab, K top log-probabilities reported.
 
@@ -26,10 +27,21 @@ class RowSettings:
     temperature: jax.Array  # [B] float32; 0 means greedy
     top_k: jax.Array  # [B] int32; 0 keeps every token
     top_p: jax.Array  # [B] float32 in (0, 1]; 1 keeps every token
+    presence: jax.Array  # [B] float32, subtracted from the logit of each token the row has generated
+    frequency: jax.Array  # [B] float32, subtracted once for each time it has generated it
 
 
-def check_settings(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
-    """Raise MixtralError unless temperature >= 0, top_k is an integer >= 1 and top_p is in (0, 1]."""
+PENALTY_RANGE = 2.0  # OpenAI's bound on |presence_penalty| and |frequency_penalty|
+BIAS_RANGE = 100.0  # and on each logit bias
+
+
+def check_settings(temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   presence: float = 0.0, frequency: float = 0.0) -> None:
+    """Raise MixtralError unless temperature >= 0, top_k is an integer >= 1, top_p is in (0, 1] and the
+    penalties are in [-2, 2]."""
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+            raise MixtralError(f"{name} must be in [-2, 2], got {value}")
     if not temperature >= 0:
         raise MixtralError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
@@ -38,12 +50,39 @@ def check_settings(temperature: float, top_k: int | None = None, top_p: float | 
         raise MixtralError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def row_settings(rows: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None) -> RowSettings:
+def row_settings(rows: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 presence: float = 0.0, frequency: float = 0.0) -> RowSettings:
     """The same checked settings for `rows` rows, as host arrays."""
-    check_settings(temperature, top_k, top_p)
+    check_settings(temperature, top_k, top_p, presence, frequency)
     return RowSettings(np.full(rows, temperature, np.float32), np.full(rows, top_k or 0, np.int32),
-                       np.full(rows, 1.0 if top_p is None else top_p, np.float32))
+                       np.full(rows, 1.0 if top_p is None else top_p, np.float32),
+                       np.full(rows, presence, np.float32), np.full(rows, frequency, np.float32))
+
+
+def bias_row(vocab: int, bias: dict[int, float] | None = None) -> np.ndarray:
+    """A logit bias {token id: value in [-100, 100]} (ids may be strings, as JSON gives them) as float32 [1, V];
+    MixtralError for an id outside the vocabulary or a value out of range."""
+    row = np.zeros((1, vocab), np.float32)
+    for token, value in (bias or {}).items():
+        try:
+            token = int(token)
+        except ValueError:
+            raise MixtralError(f"logit_bias: {token!r} is not a token id") from None
+        if not 0 <= token < vocab:
+            raise MixtralError(f"logit_bias: token id {token} is not in [0, {vocab})")
+        if not -BIAS_RANGE <= value <= BIAS_RANGE:
+            raise MixtralError(f"logit_bias: {value} for token {token} is not in [-100, 100]")
+        row[0, token] = value
+    return row
+
+
+def penalised(logits: jax.Array, counts: jax.Array, bias: jax.Array, settings: RowSettings) -> jax.Array:
+    """Logits [B, V] less each row's penalties on the tokens it has generated, `counts` [B, V] times each, plus
+    its `bias` [B, V], as OpenAI defines them: logit - count * frequency - (count > 0) * presence + bias. A row
+    without either keeps its logits exactly."""
+    logits = logits.astype(jnp.float32)
+    seen = (counts > 0).astype(jnp.float32)
+    return logits - counts * settings.frequency[:, None] - seen * settings.presence[:, None] + bias
 
 
 def filter_rows(logits: jax.Array, settings: RowSettings) -> jax.Array:

@@ -84,6 +84,39 @@ def test_a_seeded_request_samples_the_same_tokens_beside_any_others(tiny, prompt
     assert tiny.generate([prompts[0]], LIMITS[0], stop_at_eos=False, **settings)[0] == alone[0]  # as generate
 
 
+def _penalised_greedy(model, prompt, n, presence=0.0, frequency=0.0, bias=None) -> list[int]:
+    """OpenAI's definition, on full forward passes: each next token the argmax of the logits less
+    count * frequency + (count > 0) * presence over the tokens generated so far, plus the logit bias."""
+    vocab = model.config.vocab_size
+    counts, offset, new = np.zeros(vocab), np.zeros(vocab), []
+    for token, value in (bias or {}).items():
+        offset[token] = value
+    for _ in range(n):
+        ids = list(prompt) + new  # padded to one length: one program, and causal attention ignores the padding
+        logits = np.asarray(model.logits([ids + [0] * (64 - len(ids))]))[0, len(ids) - 1]
+        new.append(int(np.argmax(logits - counts * frequency - (counts > 0) * presence + offset)))
+        counts[new[-1]] += 1
+    return new
+
+
+def test_penalties_and_logit_bias_are_openais_and_each_request_keeps_its_own(tiny, prompts):
+    """Presence and frequency penalties and a logit bias change a greedy request's tokens as OpenAI defines
+    them (a random model seldom repeats a token: negative penalties make it), beside a plain greedy request,
+    which still gets what `generate` gives."""
+    plain = [tiny.generate([p], n, stop_at_eos=False)[0] for p, n in zip(prompts, LIMITS)]
+    banned = {t: -100.0 for t in plain[2][:3]}
+    settings = {0: dict(presence_penalty=-1.0, frequency_penalty=-0.5), 2: dict(logit_bias=banned),
+                3: dict(logit_bias={str(plain[3][1]): 100.0}, frequency_penalty=-2.0)}
+    got = _run(Engine(tiny, slots=3, max_len=128, steps=4), prompts, LIMITS, settings)
+    assert got[1] == plain[1]
+    for i, asked in settings.items():
+        want = _penalised_greedy(tiny, prompts[i], LIMITS[i], asked.get("presence_penalty", 0.0),
+                                 asked.get("frequency_penalty", 0.0),
+                                 {int(t): v for t, v in asked.get("logit_bias", {}).items()})
+        assert got[i] == want != plain[i], i
+    assert got[3] == [plain[3][1]] * LIMITS[3]
+
+
 def test_a_cancelled_slot_is_free_and_produces_nothing_more(tiny, prompts):
     engine = Engine(tiny, slots=2, max_len=128, steps=2)
     a = engine.admit(prompts[0], 50)
@@ -109,4 +142,10 @@ def test_bad_requests_are_refused(tiny):
         engine.admit([5], 3, temperature=-1)
     with pytest.raises(MixtralError, match="outside"):
         engine.admit([10**6], 3)
+    with pytest.raises(MixtralError, match="presence_penalty"):
+        engine.admit([5], 3, presence_penalty=2.5)
+    with pytest.raises(MixtralError, match="not in \\[0, "):
+        engine.admit([5], 3, logit_bias={-1: 1.0})
+    with pytest.raises(MixtralError, match="not in \\[-100, 100\\]"):
+        engine.admit([5], 3, logit_bias={5: 101.0})
     assert engine.free() == [0]

@@ -139,7 +139,7 @@ def test_two_processes_serve_from_process_0_what_one_process_generates():
 
         def ask(i):
             prompt, limit = jobs[i]
-            answers[i] = client.completions.create(model="m", prompt=prompt, max_tokens=limit,
+            answers[i] = client.completions.create(model="mixtral-jax", prompt=prompt, max_tokens=limit,
                                                    temperature=0).choices[0].text
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]  # 4 requests, 2 slots

@@ -161,18 +161,79 @@ def test_log_probabilities_are_the_models_whole_and_streamed(served):
                                        logprobs=True, top_logprobs=6)
 
 
+def test_n_choices_of_one_prompt_whole_and_streamed(served):
+    """`n` choices: greedy ones are alike and each is what one greedy request gets; seeded sampled ones differ,
+    choice i samples as a request with seed + i does, and streamed chunks (told apart by `index`) join to the
+    whole response's choices; usage counts the prompt once and every choice's tokens."""
+    _, client, _, _ = served
+    one = client.completions.create(model="demo", prompt="def f(x):", max_tokens=8, temperature=0)
+    three = client.completions.create(model="demo", prompt="def f(x):", max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.text for c in three.choices] == [one.choices[0].text] * 3
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    ask = dict(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=1.0, seed=5)
+    whole = client.chat.completions.create(n=2, **ask)
+    texts = [c.message.content for c in whole.choices]
+    assert texts[0] != texts[1]
+    assert client.chat.completions.create(**{**ask, "seed": 6}).choices[0].message.content == texts[1]
+    pieces, reasons = {0: [], 1: []}, {}
+    for chunk in client.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **ask):
+        for choice in chunk.choices:
+            pieces[choice.index].append(choice.delta.content or "")
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+        usage = chunk.usage
+    assert ["".join(pieces[i]) for i in (0, 1)] == texts
+    assert [reasons[i] for i in (0, 1)] == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(served):
+    """A logit bias of 100 makes a greedy completion that token over and over; -100 on the greedy first token
+    makes it another; negative penalties make the model repeat itself (a random model seldom does)."""
+    model, client, _, _ = served
+    tok = model.tokenizer
+    token = tok.encode("hello")[-1]
+    forced = client.completions.create(model="demo", prompt="x", max_tokens=5, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == tok.decode([token] * 5)
+    greedy = model.generate([tok.encode("x")], 6, stop_at_eos=False)[0]
+    banned = client.completions.create(model="demo", prompt="x", max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(greedy[0]): -100})
+    assert banned.choices[0].logprobs.tokens[0] != tok.token_bytes(greedy[0]).decode()
+    ask = dict(model="demo", prompt="x", max_tokens=6, temperature=0, logprobs=0)
+    until_eos = greedy[: greedy.index(tok.eos_id)] if tok.eos_id in greedy else greedy
+    assert client.completions.create(**ask).choices[0].logprobs.tokens == [tok.token_bytes(i).decode()
+                                                                           for i in until_eos]
+    repeated = client.completions.create(presence_penalty=-2, frequency_penalty=-2, **ask).choices[0].logprobs.tokens
+    assert len(set(repeated)) < len(repeated)
+
+
 def test_bad_requests_are_4xx_with_an_error_body_and_the_server_goes_on(served):
     model, client, app, scheduler = served
     http = TestClient(app)
-    for body, needle in (({"prompt": "x", "max_tokens": MAX_LEN + 1}, "exceed the context"),
-                         ({"prompt": "x", "n": 2}, "one choice"),
-                         ({"prompt": "x", "temperature": -1}, "temperature"),
-                         ({"prompt": [10**6]}, "token ids"),
-                         ({"max_tokens": 3}, "prompt")):
+    for body, needle, param in (({"prompt": "x", "max_tokens": MAX_LEN + 1}, "exceed the context", "max_tokens"),
+                                ({"prompt": "x", "n": 5}, "at most 4 choices", "n"),
+                                ({"prompt": "x", "temperature": -1}, "temperature", "temperature"),
+                                ({"prompt": [10**6]}, "token ids", "prompt"),
+                                ({"max_tokens": 3}, "prompt", "prompt"),
+                                ({"prompt": "x", "model": "gpt-4"}, "not 'gpt-4'", "model"),
+                                ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty", "presence_penalty"),
+                                ({"prompt": "x", "logit_bias": {"7": 101}}, "[-100, 100]", "logit_bias"),
+                                ({"prompt": "x", "logit_bias": {"x": 1}}, "not a token id", "logit_bias"),
+                                ({"prompt": "x", "suffix": "y"}, "suffix", "suffix"),
+                                ({"prompt": "x", "echo": True}, "echo", "echo")):
         r = http.post("/v1/completions", json=body)
-        assert r.status_code == 400 and needle in r.json()["error"]["message"], (body, r.text)
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
-    assert r.status_code == 400
+        error = r.json()["error"]
+        assert r.status_code == 400 and needle in error["message"] and error["param"] == param, (body, r.text)
+    for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, None)):
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **extra})
+        assert r.status_code == 400 and (param is None or r.json()["error"]["param"] == param), (extra, r.text)
+    assert http.post("/v1/completions", json={"prompt": "x", "model": "demo", "max_tokens": 1}).status_code == 200
+    assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                                                   "tools": [], "response_format": {"type": "text"}}).status_code == 200
     assert http.get("/health").json() == {"status": "ok"}
     locked = TestClient(create_app(scheduler, Metrics(), "demo", MAX_LEN, api_key="k"))
     for headers in ({}, {"Authorization": "Bearer kk"}, {"Authorization": b"Bearer \xe9"}):

@@ -72,7 +72,7 @@ class Limits:
                       headers: dict[str, str] | None = None) -> None:
         self.observe("outcome:rejected", 1)
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-        await JSONResponse(error_body(message, kind, code), status, headers)(scope, receive, send)
+        await JSONResponse(error_body(message, kind, code=code), status, headers)(scope, receive, send)
 
 
 class _TooLarge(Exception):

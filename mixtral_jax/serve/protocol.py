@@ -1,5 +1,6 @@
 """Request and response shapes of the OpenAI API (`/v1/completions`, `/v1/chat/completions`), as the official
-client sends and reads them; fields this server does not know are ignored, as OpenAI's own server does."""
+client sends and reads them. Fields this server does not know are ignored, as OpenAI's own server does; those
+it knows but does not support (tools, a response format, a suffix, best_of) are refused by the routes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -37,6 +41,8 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     prompt: str | list[int]
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
 
 
 class Message(BaseModel):
@@ -51,8 +57,12 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     top_logprobs: int | None = None
     safe_prompt: bool = False  # Mistral's: the safe-mode system prompt first, as `chat --safe` does
+    tools: list[dict] | None = None
+    functions: list[dict] | None = None
+    response_format: dict | None = None
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
-    """OpenAI's error body, as every refusal carries it."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error body, as every refusal carries it: `param` names the field at fault."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

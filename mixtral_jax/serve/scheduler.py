@@ -32,9 +32,10 @@ class TokenLogprobs:
 
 @dataclasses.dataclass
 class Job:
-    """One request: what to run, where its events go (`("text", (str, tokens))`, then `("end", finish_reason)` or
-    `("error", message)`; `tokens` are the log-probabilities of the tokens that text completes, when
-    `logprobs` asks for them), and what the scheduler has made of it."""
+    """One choice of a request: what to run, where its events go (`(index, "text", (str, tokens))`, then
+    `(index, "end", finish_reason)` or `(index, "error", message)`, with `index` the choice's; `tokens` are the
+    log-probabilities of the tokens that text completes, when `logprobs` asks for them), and what the
+    scheduler has made of it."""
 
     prompt: list[int]
     max_tokens: int
@@ -45,7 +46,11 @@ class Job:
     stops: list[str]
     logprobs: int | None  # alternatives per token to report; None: no log-probabilities
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    events: asyncio.Queue  # shared by the choices of one request
+    presence: float = 0.0  # OpenAI's presence and frequency penalties
+    frequency: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    index: int = 0  # the choice's index in its request
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     decoder: StreamDecoder | None = None
     held: str = ""  # text that may begin a stop string
@@ -58,10 +63,10 @@ class Job:
     def request(self) -> list:
         """`Engine.admit`'s arguments."""
         return [self.prompt, self.max_tokens, self.temperature, self.top_k, self.top_p, self.seed, True,
-                self.logprobs is not None]
+                self.logprobs is not None, self.presence, self.frequency, self.logit_bias]
 
     def send(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
 
 
 @dataclasses.dataclass
