@@ -102,12 +102,13 @@ def _penalised_greedy(model, prompt, n, presence=0.0, frequency=0.0, bias=None) 
 def test_penalties_and_logit_bias_are_openais_and_each_request_keeps_its_own(tiny, prompts):
     """Presence and frequency penalties and a logit bias change a greedy request's tokens as OpenAI defines
     them (a random model seldom repeats a token: negative penalties make it), beside a plain greedy request,
-    which still gets what `generate` gives."""
-    plain = [tiny.generate([p], n, stop_at_eos=False)[0] for p, n in zip(prompts, LIMITS)]
+    which still gets what it gets alone."""
+    engine = Engine(tiny, slots=4, max_len=128, steps=5)  # the seeded test's programs
+    plain = _run(engine, prompts, LIMITS)  # greedy, as `generate` (above)
     banned = {t: -100.0 for t in plain[2][:3]}
     settings = {0: dict(presence_penalty=-1.0, frequency_penalty=-0.5), 2: dict(logit_bias=banned),
                 3: dict(logit_bias={str(plain[3][1]): 100.0}, frequency_penalty=-2.0)}
-    got = _run(Engine(tiny, slots=3, max_len=128, steps=4), prompts, LIMITS, settings)
+    got = _run(engine, prompts, LIMITS, settings)
     assert got[1] == plain[1]
     for i, asked in settings.items():
         want = _penalised_greedy(tiny, prompts[i], LIMITS[i], asked.get("presence_penalty", 0.0),
