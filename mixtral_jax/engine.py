@@ -79,16 +79,36 @@ class Slots:
     counts: jax.Array  # [B, V] int32, how often the slot has generated each token (for its penalties)
     bias: jax.Array  # [B, V] float32, the request's logit bias
 
-    def sampled(self, rows: jax.Array | None, logits: jax.Array, keys: jax.Array, n_valid: int | None) -> jax.Array:
+    def penalising(self) -> jax.Array:
+        """Whether some slot has penalties or a logit bias (a scalar): while none has, sampling reads the logits
+        as they are."""
+        s = self.settings
+        return jnp.any(s.presence != 0) | jnp.any(s.frequency != 0) | jnp.any(self.bias != 0)
+
+    def sampled(self, rows: jax.Array | None, logits: jax.Array, keys: jax.Array, n_valid: int | None,
+                pending: jax.Array | None = None) -> jax.Array:
         """Tokens [R] of slots `rows` [R] (None: every slot) drawn from their logits [R, V] with `keys` [R], after
-        their penalties and logit bias."""
+        their penalties and logit bias; `pending` [n, R]: tokens generated since `counts` was updated (-1
+        none)."""
         pick = (lambda field: field) if rows is None else (lambda field: field[rows])
         settings = jax.tree.map(pick, self.settings)
-        return sample_rows(keys, penalised(logits, pick(self.counts), pick(self.bias), settings), settings, n_valid)
 
-    def counted(self, rows: jax.Array, ids: jax.Array, running: jax.Array) -> jax.Array:
-        """`counts` with the new tokens `ids` [R] of slots `rows` [R] added where `running` [R]."""
-        return self.counts.at[rows, jnp.maximum(ids, 0)].add(running.astype(jnp.int32))
+        def adjusted(logits: jax.Array) -> jax.Array:
+            counts = pick(self.counts) + (0 if pending is None else one_hot_counts(pending, self.counts.shape[1]))
+            return penalised(logits, counts, pick(self.bias), settings)
+
+        logits = jax.lax.cond(self.penalising(), adjusted, lambda x: x.astype(jnp.float32), logits)
+        return sample_rows(keys, logits, settings, n_valid)
+
+    def counted(self, rows: jax.Array | None, ids: jax.Array) -> jax.Array:
+        """`counts` with new tokens `ids` [n, R] (-1 none) of slots `rows` [R] (None: every slot) added."""
+        new = one_hot_counts(ids, self.counts.shape[1])
+        return self.counts + new if rows is None else self.counts.at[rows].add(new)
+
+
+def one_hot_counts(ids: jax.Array, vocab: int) -> jax.Array:
+    """How often each token is among `ids` [n, R] (-1 none) -> [R, V] int32."""
+    return jnp.sum(ids[..., None] == jnp.arange(vocab), axis=0, dtype=jnp.int32)
 
 
 class Tokens(NamedTuple):
@@ -128,7 +148,7 @@ def _first(state: Slots, rows: jax.Array, last: jax.Array, *, n_valid: int | Non
     """Slots `rows` [R] whose prompts end with logits `last` [R, V]: their first new token drawn (key i=0)."""
     first = state.sampled(rows, last, jax.vmap(jax.random.fold_in)(state.keys[rows], jnp.zeros_like(rows)), n_valid)
     state = state.replace(tokens=state.tokens.at[rows].set(first), generated=state.generated.at[rows].set(1),
-                          counts=state.counted(rows, first, jnp.ones_like(rows, bool)),
+                          counts=state.counted(rows, first[None]),
                           done=state.done.at[rows].set((first == state.eos[rows]) | (state.limit[rows] <= 1)))
     return state, _tokens(last, first, n_logprobs, n_valid)
 
@@ -220,17 +240,18 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: Slots, *, backend:
         result = nnx.merge(graphdef, params)(s.tokens[:, None], positions[:, None], Mode.DECODE, backend, s.cache)
         logits = result.logits[:, 0]
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.generated)
-        new = jnp.where(s.done, -1, s.sampled(None, logits, keys, n_valid))
+        new = jnp.where(s.done, -1, s.sampled(None, logits, keys, n_valid, out.ids))
         running = ~s.done
         generated = s.generated + running
         s = s.replace(cache=result.cache, tokens=jnp.where(running, new, s.tokens), positions=s.positions + running,
-                      generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit),
-                      counts=s.counted(jnp.arange(slots), new, running))
+                      generated=generated, done=s.done | (new == s.eos) | (generated >= s.limit))
         emitted = _tokens(logits, new, n_logprobs, n_valid, s.logprobs & running)
         return i + 1, s, jax.tree.map(lambda buf, x: buf.at[i].set(x), out, emitted)
 
     _, state, out = jax.lax.while_loop(running, step, (jnp.int32(0), state, out))
-    return state, out
+    # the round's tokens are counted once it ends (penalised sampling adds those of its earlier steps): an update
+    # of the counts in the loop's carry cost XLA:CPU milliseconds a step
+    return state.replace(counts=state.counted(None, out.ids)), out
 
 
 def _cancel(state: Slots, at: jax.Array) -> Slots:
