@@ -59,10 +59,10 @@ def row_settings(rows: int, temperature: float = 0.0, top_k: int | None = None, 
                        np.full(rows, presence, np.float32), np.full(rows, frequency, np.float32))
 
 
-def bias_row(vocab: int, bias: dict[int, float] | None = None) -> np.ndarray:
-    """A logit bias {token id: value in [-100, 100]} (ids may be strings, as JSON gives them) as float32 [1, V];
-    MixtralError for an id outside the vocabulary or a value out of range."""
-    row = np.zeros((1, vocab), np.float32)
+def checked_bias(vocab: int, bias: dict[int | str, float] | None) -> dict[int, float]:
+    """A logit bias {token id: value in [-100, 100]} with its ids as ints (they may be strings, as JSON gives
+    them); MixtralError for an id outside the vocabulary or a value out of range."""
+    checked = {}
     for token, value in (bias or {}).items():
         try:
             token = int(token)
@@ -72,6 +72,14 @@ def bias_row(vocab: int, bias: dict[int, float] | None = None) -> np.ndarray:
             raise MixtralError(f"logit_bias: token id {token} is not in [0, {vocab})")
         if not -BIAS_RANGE <= value <= BIAS_RANGE:
             raise MixtralError(f"logit_bias: {value} for token {token} is not in [-100, 100]")
+        checked[token] = value
+    return checked
+
+
+def bias_row(vocab: int, bias: dict[int | str, float] | None = None) -> np.ndarray:
+    """A logit bias (`checked_bias`) as float32 [1, V]."""
+    row = np.zeros((1, vocab), np.float32)
+    for token, value in checked_bias(vocab, bias).items():
         row[0, token] = value
     return row
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mixtral_jax.errors import MixtralError
-from mixtral_jax.sampling import bias_row
+from mixtral_jax.sampling import checked_bias
 from mixtral_jax.serve import MAX_BODY_BYTES, MAX_QUEUE
 from mixtral_jax.serve.limits import Limits
 from mixtral_jax.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_body
@@ -154,7 +154,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
             raise ApiError(400, f"max_tokens: {len(prompt)} prompt tokens + {max_tokens} exceed the context of "
                                 f"{max_len}", "max_tokens")
         try:
-            bias_row(tokenizer.vocab_size, body.logit_bias)
+            logit_bias = checked_bias(tokenizer.vocab_size, body.logit_bias) or None
         except MixtralError as e:
             raise ApiError(400, str(e), "logit_bias") from e
         metrics.prompt_tokens.inc(len(prompt))
@@ -162,7 +162,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_len:
         events: asyncio.Queue = asyncio.Queue()
         jobs = [Job(prompt, max_tokens, body.temperature, body.top_k, None if body.top_p == 1 else body.top_p,
                     (seed + i) % 2**32, body.stops(), top, asyncio.get_running_loop(), events, body.presence_penalty,
-                    body.frequency_penalty, {int(k): v for k, v in (body.logit_bias or {}).items()} or None, i)
+                    body.frequency_penalty, logit_bias, i)
                 for i in range(body.n)]
         for job in jobs:
             scheduler.submit(job)
